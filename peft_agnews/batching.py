@@ -1,0 +1,86 @@
+"""Tokenize once (cached by `datasets`), then batch rows of similar length with per-batch dynamic padding.
+
+On AG News the mean length is ~56 tokens; padding every row to 128 would waste more than half the compute.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from peft_agnews.config import TrainConfig
+
+# Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
+PAD_TO_MULTIPLE_OF = 8
+# Rows are sorted by length inside shuffled windows of this many batches (the HF Trainer's choice).
+MEGABATCH_FACTOR = 50
+
+
+def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
+    """Add `input_ids`/`attention_mask`/`length`, rename `label` to `labels`, drop the raw text."""
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    tokenized = splits.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
+    return tokenized.rename_column("label", "labels")
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices where each window of `batch_size * MEGABATCH_FACTOR` rows is sorted by length.
+
+    The order is a pure function of (seed, epoch), so every process and every resumed run sees the same order.
+    Accelerate's prepared dataloader calls `set_epoch` on this sampler.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True) -> None:
+        self.lengths = lengths
+        self.window = batch_size * MEGABATCH_FACTOR
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.group_by_length:
+            windows = [order[i : i + self.window] for i in range(0, len(order), self.window)]
+            order = [i for w in windows for i in sorted(w, key=lambda j: -self.lengths[j])]
+        return iter(order)
+
+
+def make_dataloaders(
+    tokenized: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig
+) -> dict[str, DataLoader]:
+    """Training loader (length-grouped, seeded) and evaluation loaders (sorted by length, no shuffle)."""
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
+    model_columns = ["input_ids", "attention_mask", "labels"]
+    train: Dataset = tokenized["train"]
+    sampler = LengthGroupedSampler(
+        train["length"], cfg.per_device_train_batch_size, cfg.seed, cfg.group_by_length
+    )
+    loaders = {
+        "train": DataLoader(
+            train.select_columns(model_columns),
+            batch_size=cfg.per_device_train_batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+        )
+    }
+    for split in tokenized:
+        if split == "train":
+            continue
+        # Longest first: an out-of-memory error shows at once, and similar lengths share a batch.
+        ordered = tokenized[split].sort("length", reverse=True).select_columns(model_columns)
+        loaders[split] = DataLoader(ordered, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
+    return loaders

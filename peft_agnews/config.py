@@ -1,0 +1,141 @@
+"""The one typed training config. Its defaults ARE the reference recipe.
+
+Every option is declared once, here: the command line (`--help` included), the YAML loader (`--config FILE`)
+and the config logged to W&B all read these fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from peft_agnews.errors import UsageError
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults reproduce the reference recipe on roberta-base + AG News."""
+
+    # Model
+    model_name_or_path: str = _opt("roberta-base", "Base model: a Hub id or a local folder.")
+    tokenizer_name: str | None = _opt(None, "Tokenizer: a Hub id or local folder (default: the model's).")
+    # Data
+    dataset_name: str | None = _opt("ag_news", "Hub dataset, used when --train_file is not given.")
+    train_file: str | None = _opt(None, "Local training file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
+    validation_file: str | None = _opt(None, "Local validation file (default: a stratified split of train).")
+    test_file: str | None = _opt(None, "Labelled test file: the best adapter is scored on it at the end.")
+    label_names: list[str] = _opt(AG_NEWS_LABELS, "Class names, in label-id order.")
+    validation_split: float = _opt(0.1, "Fraction of train held out (stratified) when no validation file is given.")
+    max_length: int = _opt(128, "Truncate inputs to this many tokens.")
+    group_by_length: bool = _opt(True, "Batch rows of similar length together (shuffled length groups).")
+    max_train_samples: int | None = _opt(None, "Keep only this many training rows (for quick runs).")
+    max_eval_samples: int | None = _opt(None, "Keep only this many validation rows (for quick runs).")
+    # LoRA
+    lora_r: int = _opt(8, "LoRA rank.")
+    lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _opt(0.2, "Dropout on the LoRA input.")
+    lora_bias: Literal["none", "all", "lora_only"] = _opt("lora_only", "Which biases to train.")
+    lora_target_modules: list[str] = _opt(["query", "value"], "Module names that get LoRA adapters.")
+    max_trainable_params: int = _opt(1_000_000, "Refuse to train more parameters than this.")
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")
+    # Optimisation
+    learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
+    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this (0 turns clipping off).")
+    per_device_train_batch_size: int = _opt(32, "Training micro-batch per process.")
+    per_device_eval_batch_size: int = _opt(64, "Evaluation batch per process.")
+    gradient_accumulation_steps: int = _opt(4, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _opt(6.0, "Passes over the training split.")
+    max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = _opt("linear", "Learning-rate schedule.")
+    warmup_ratio: float = _opt(0.1, "Fraction of optimizer steps spent warming up.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
+        "auto", "Precision: 'auto' takes the Accelerate config, else fp16 on GPU and fp32 on CPU."
+    )
+    seed: int = _opt(37, "Seed for the split, the batch order, dropout and LoRA init.")
+    # Schedule of side effects
+    eval_steps: int = _opt(200, "Evaluate on validation every N optimizer steps (and at the end).")
+    save_steps: int = _opt(200, "Write a training checkpoint every N optimizer steps (0: never).")
+    logging_steps: int = _opt(50, "Log train loss and learning rate every N optimizer steps.")
+    output_dir: str = _opt("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
+    overwrite_output_dir: bool = _opt(False, "Allow writing into an output_dir that already holds a finished run.")
+    # Tracking
+    report_to: Literal["wandb", "none"] = _opt("wandb", "Experiment tracker.")
+    wandb_project: str = _opt("peft-agnews", "W&B project.")
+    run_name: str | None = _opt(None, "W&B run name.")
+    dry_run: bool = _opt(False, "Build data and model, print the plan, write nothing, exit.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
+            (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+            (self.num_train_epochs > 0, "--num_train_epochs must be > 0"),
+            (self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
+            (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+            (0 < self.validation_split < 1, "--validation_split must be in (0, 1)"),
+            (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (self.max_length >= 8, "--max_length must be >= 8"),
+            (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
+            (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
+            (len(self.label_names) >= 2, "--label_names needs at least two classes"),
+            (len(set(self.label_names)) == len(self.label_names), "--label_names must be distinct"),
+            (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(f"invalid config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(TrainConfig, description="Fine-tune a sequence classifier with LoRA under Accelerate.")
+    parser.add_argument("--config", default=None, help="YAML file of options; command-line flags override it.")
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML options file, refusing unknown keys so a typo never silently falls back to a default."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path} has unknown options {unknown}; see --help for the valid names")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse `--config FILE` (YAML defaults) and command-line overrides into a TrainConfig."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config))
+    namespace = parser.parse_args(argv)
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    return TrainConfig(**values)

@@ -1,0 +1,46 @@
+"""Evaluation on any number of processes: each example counted exactly once via `gather_for_metrics`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for every example of `dataloader`, gathered from all processes, in loader order."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in dataloader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # gather_for_metrics drops the samples duplicated to even out the last batch across processes.
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of `logits` against `labels`."""
+    preds = logits.argmax(dim=-1)
+    confusion = torch.bincount(labels * num_labels + preds, minlength=num_labels * num_labels).view(num_labels, -1)
+    true_pos = confusion.diag().double()
+    precision = true_pos / confusion.sum(0).clamp(min=1)
+    recall = true_pos / confusion.sum(1).clamp(min=1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(precision))
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (preds == labels).double().mean().item(),
+        "f1_macro": f1.mean().item(),
+        "num_examples": int(labels.numel()),
+    }
+
+
+def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, float]:
+    """Metrics of `model` on the whole split behind `dataloader`."""
+    logits, labels = predict_logits(model, dataloader, accelerator)
+    return classification_metrics(logits, labels, num_labels)

@@ -1,0 +1,39 @@
+"""Write the run's deliverables atomically: a folder or file appears complete, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+LABELS_FILE = "labels.json"
+
+
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, label_names: list[str], out_dir: Path) -> None:
+    """Adapter weights (safetensors) + adapter config + tokenizer + label names, swapped in as one rename."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_label_names(adapter_dir: Path) -> list[str]:
+    """The class names saved next to an adapter, in label-id order."""
+    id2label = json.loads((adapter_dir / LABELS_FILE).read_text())["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]

@@ -1,0 +1,298 @@
+"""Fine-tune a sequence classifier with LoRA under Accelerate: the recipe, top to bottom.
+
+    accelerate launch peft_agnews/train.py [--config FILE.yaml] [--option value ...]
+
+data -> model -> prepare -> loop (evaluate, checkpoint) -> best adapter -> results.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from peft_agnews.batching import make_dataloaders, tokenize_splits
+from peft_agnews.config import TrainConfig, parse_config
+from peft_agnews.data import load_splits
+from peft_agnews.errors import UsageError
+from peft_agnews.evaluation import evaluate
+from peft_agnews.export import save_adapter, write_json
+from peft_agnews.model import (
+    GradientFlowError,
+    apply_lora,
+    check_gradient_flow,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    optimizer_param_groups,
+)
+from peft_agnews.tracking import RunLogger, tracker_name
+
+
+@dataclass
+class Plan:
+    """How much work the run will do, derived from the data size, process count and accumulation."""
+
+    train_examples: int
+    eval_examples: int
+    num_processes: int
+    batches_per_process: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    num_epochs: int
+    effective_batch: int
+    mixed_precision: str
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, train_examples: int, eval_examples: int, accelerator: Accelerator) -> Plan:
+        procs = accelerator.num_processes
+        # Accelerate gives every process the same number of batches (the last ones padded by repetition).
+        batches = math.ceil(math.ceil(train_examples / cfg.per_device_train_batch_size) / procs)
+        per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+        total = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch)
+        return cls(
+            train_examples=train_examples,
+            eval_examples=eval_examples,
+            num_processes=procs,
+            batches_per_process=batches,
+            steps_per_epoch=per_epoch,
+            total_steps=total,
+            warmup_steps=math.ceil(cfg.warmup_ratio * total),
+            num_epochs=math.ceil(total / per_epoch),
+            effective_batch=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * procs,
+            mixed_precision=accelerator.mixed_precision,
+        )
+
+    def describe(self, trainable: int, total_params: int) -> str:
+        return (
+            f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%)\n"
+            f"plan: {self.train_examples:,} train / {self.eval_examples:,} validation examples; "
+            f"{self.num_processes} process(es), effective batch {self.effective_batch}; "
+            f"{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch, {self.num_epochs} epoch(s)), "
+            f"{self.warmup_steps} warmup; precision {self.mixed_precision}"
+        )
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples_seen: int = 0
+    last_eval_step: int = -1
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        # An Accelerate config (or `accelerate launch --mixed_precision`) wins; else the recipe: fp16 on GPU.
+        precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else (
+            "fp16" if torch.cuda.is_available() else "no"
+        )
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=tracker_name(cfg),
+        # We step the scheduler once per real optimizer step ourselves: its length is counted in optimizer steps,
+        # not multiplied by the process count as Accelerate's default stepping assumes.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if (out / "results.json").exists() and not cfg.overwrite_output_dir:
+        raise UsageError(
+            f"{out} already holds a finished run (results.json); choose another --output_dir "
+            "or pass --overwrite_output_dir true"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} exists and is not a folder; choose another path")
+    return out
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train, evaluate, export. Returns results (None for a dry run)."""
+    accelerator = make_accelerator(cfg)
+    try:
+        return _run(cfg, accelerator)
+    finally:
+        # Release the wrapped model, optimizer and loaders before the process group goes away: gloo runs
+        # otherwise abort at interpreter exit now and then.
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.end_training()
+
+
+def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
+    set_seed(cfg.seed)
+    out = check_output_dir(cfg)
+
+    # Data: validated, split, tokenized once (the main process fills the datasets cache, the others read it).
+    tokenizer = load_tokenizer(cfg)
+    with accelerator.main_process_first():
+        splits = load_splits(cfg)
+        tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
+    loaders = make_dataloaders(tokenized, tokenizer, cfg)
+
+    # Model: base + LoRA within the parameter budget.
+    model = apply_lora(load_base_model(cfg), cfg)
+    trainable, total_params = count_parameters(model)
+    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator)
+    accelerator.print(plan.describe(trainable, total_params))
+    if cfg.dry_run:
+        return None
+
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
+    )
+    model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, scheduler, loaders["train"], loaders["validation"]
+    )
+    logger = RunLogger(accelerator, out)
+    logger.start(cfg, {"trainable_params": trainable, "total_params": total_params, "num_processes": plan.num_processes})
+
+    started = time.perf_counter()
+    state = fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, out)
+    runtime = time.perf_counter() - started
+
+    # The deliverable is the best adapter, not the last one.
+    unwrapped = accelerator.unwrap_model(model)
+    load_trainable(unwrapped, state.best_weights)
+    results = {
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "best_step": state.best_step,
+        "best_eval_accuracy": state.best_accuracy,
+        "global_step": state.step,
+        "train_runtime": runtime,
+        "train_samples_per_second": state.samples_seen / runtime,
+        "num_processes": plan.num_processes,
+        "mixed_precision": plan.mixed_precision,
+    }
+    if "test" in loaders:
+        test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
+        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"]})
+        logger.log({f"test/{k}": v for k, v in test.items()}, step=state.step)
+    if accelerator.is_main_process:
+        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter")
+        write_json(out / "results.json", results)
+    accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, out) -> TrainState:
+    """The loop: accumulate, clip, step; log, evaluate and checkpoint on optimizer-step boundaries."""
+    state = TrainState()
+    preflight_pending = True
+    loss_sum = torch.zeros((), device=accelerator.device)
+    micro_batches = 0
+    grad_norm = None
+    progress = tqdm(total=plan.total_steps, disable=not accelerator.is_local_main_process, desc="train")
+    model.train()
+    for epoch in range(plan.num_epochs):
+        train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if preflight_pending:
+                        preflight_pending = not gradient_preflight(accelerator, model)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad()
+            # Read back lazily: summing on device avoids a host sync every micro-batch.
+            loss_sum += loss.detach()
+            micro_batches += 1
+            state.samples_seen += batch["labels"].numel()
+            if not accelerator.sync_gradients:
+                continue
+
+            state.step += 1
+            progress.update(1)
+            if state.step % cfg.logging_steps == 0:
+                metrics = {
+                    "train/loss": accelerator.reduce(loss_sum / micro_batches, "mean").item(),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/epoch": state.step / plan.steps_per_epoch,
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                logger.log(metrics, step=state.step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                loss_sum.zero_()
+                micro_batches = 0
+            if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
+                run_evaluation(cfg, accelerator, model, val_loader, logger, state)
+            if cfg.save_steps and state.step % cfg.save_steps == 0:
+                accelerator.save_state(str(out / "checkpoints" / f"step_{state.step}"))
+            if state.step >= plan.total_steps:
+                break
+        if state.step >= plan.total_steps:
+            break
+    progress.close()
+    state.samples_seen = int(accelerator.reduce(torch.tensor(state.samples_seen, device=accelerator.device), "sum"))
+    return state
+
+
+def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Check gradient flow at the first optimizer step. Returns False when inconclusive (an fp16 overflow step,
+    which the grad scaler skips); the check then runs again at the next step."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if accelerator.scaler is not None and not all(torch.isfinite(g).all() for g in grads):
+        return False
+    check_gradient_flow(accelerator.unwrap_model(model))
+    return True
+
+
+def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainState) -> None:
+    metrics = evaluate(model, val_loader, accelerator, len(cfg.label_names))
+    logger.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_examples"}, step=state.step)
+    accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+    if metrics["accuracy"] > state.best_accuracy:
+        state.best_accuracy, state.best_step = metrics["accuracy"], state.step
+        state.best_weights = trainable_weights(accelerator.unwrap_model(model))
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable parameters (a few MB for LoRA), to restore the best step at the end."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry: bad input becomes one clear line on stderr and exit status 2."""
+    try:
+        run(parse_config(argv))
+    except (UsageError, GradientFlowError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
