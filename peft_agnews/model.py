@@ -74,8 +74,12 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
     autograd never reaches the LoRA weights inside it and only the head learns. Non-reentrant checkpointing
     plus inputs that require grad keeps every adapter in the graph; the preflight verifies it at step one.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    base = model.get_base_model()
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

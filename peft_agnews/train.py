@@ -101,7 +101,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else (
             "fp16" if torch.cuda.is_available() else "no"
         )
+    # A multi-process launch (torchrun, `accelerate launch` with a MULTI_GPU config) on a machine with no
+    # accelerator would otherwise run N unconnected single-process copies; run them as one gloo group on CPU.
+    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     return Accelerator(
+        cpu=distributed_on_cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=tracker_name(cfg),

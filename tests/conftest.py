@@ -1,0 +1,165 @@
+"""Shared fixtures: a tiny random RoBERTa with its own word-level tokenizer, and small synthetic AG-News-like files.
+
+Everything runs offline. Real data from ../shared is used only by tests that ask for `shared_data` (skipped
+with a reason when that folder is absent).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+CLASS_WORDS = [
+    ["minister", "election", "treaty", "embassy", "rebels", "summit", "parliament", "border"],
+    ["goal", "coach", "season", "league", "striker", "tournament", "inning", "medal"],
+    ["shares", "profit", "earnings", "merger", "investors", "stocks", "revenue", "bank"],
+    ["software", "internet", "chip", "nasa", "computer", "wireless", "genome", "browser"],
+]
+FILLER = ["the", "a", "of", "on", "in", "said", "new", "today", "after", "report", "week", "year", "more", "over"]
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
+    """(label 0-3, title, description) rows whose class is readable from keywords, with varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 4
+        words = lambda k: " ".join(rng.choice(CLASS_WORDS[label] + FILLER * 2) for _ in range(k))  # noqa: E731
+        rows.append((label, words(rng.randint(2, 5)).capitalize(), words(rng.randint(3, 30))))
+    return rows
+
+
+def write_canonical_csv(path: Path, rows: list[tuple[int, str, str]]) -> Path:
+    """The canonical AG News layout: headerless, all fields quoted, 1-based class."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_ALL)
+        for label, title, desc in rows:
+            writer.writerow([label + 1, title, desc])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer, 32-wide RoBERTa encoder (briefly pretrained, see _pretrain) + word-level tokenizer, saved
+    like a Hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    words = sorted({w for ws in CLASS_WORDS for w in ws} | set(FILLER) | {w.capitalize() for ws in CLASS_WORDS for w in ws})
+    words += sorted({w.capitalize() for w in FILLER})
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        cls_token="<s>", sep_token="</s>", model_max_length=128,
+    )
+    tokenizer.save_pretrained(out)
+    config = RobertaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=4,
+    )
+    torch.manual_seed(0)
+    _pretrain(RobertaForSequenceClassification(config), tokenizer).roberta.save_pretrained(out)
+    return out
+
+
+def _pretrain(model, tokenizer, steps: int = 40):
+    """Stand-in for pretraining: a brief full fine-tune on rows disjoint from the test data (seed 99).
+
+    A random 32-wide encoder gives near-identical [CLS] features for every input, so neither a head nor LoRA
+    could learn on it; LoRA assumes a pretrained base. Only the encoder is saved: the head starts fresh.
+    """
+    import torch
+
+    rows = synthetic_rows(512, seed=99)
+    enc = tokenizer([f"{t} {d}" for _, t, d in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([label for label, _, _ in rows])
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(rows), (32,), generator=generator)
+        model(input_ids=enc.input_ids[idx], attention_mask=enc.attention_mask[idx], labels=labels[idx]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.fixture(scope="session")
+def synthetic_train_csv(tmp_path_factory) -> Path:
+    return write_canonical_csv(tmp_path_factory.mktemp("data") / "train.csv", synthetic_rows(480, seed=1))
+
+
+@pytest.fixture(scope="session")
+def synthetic_test_csv(tmp_path_factory) -> Path:
+    return write_canonical_csv(tmp_path_factory.mktemp("data") / "test.csv", synthetic_rows(120, seed=2))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    folder = SHARED / "data"
+    if not (folder / "agnews" / "train_head10429.csv").is_file():
+        pytest.skip(f"real data not present at {folder} (../shared is laid out only on the project's machines)")
+    return folder
+
+
+def tiny_train_args(model_dir: Path, train_file: Path, output_dir: Path, **overrides) -> list[str]:
+    """Command-line options for a few-second training run on the tiny model."""
+    options = {
+        "model_name_or_path": model_dir,
+        "train_file": train_file,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "gradient_accumulation_steps": 2,
+        "max_train_steps": 12,
+        "eval_steps": 6,
+        "save_steps": 0,
+        "logging_steps": 2,
+        "learning_rate": 5e-3,
+        "lora_dropout": 0.0,
+        "report_to": "none",
+        **overrides,
+    }
+    argv = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
+    return argv
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repo root and capture its output (stderr merged into stdout)."""
+    return subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def accelerate_launch(config_file: str, script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/<config_file> peft_agnews/train.py ...`."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    return run_cli(
+        [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), "peft_agnews/train.py", *script_args],
+        timeout=timeout,
+    )
