@@ -43,6 +43,8 @@ def _raw_dataset(path: Path, **kwargs) -> Dataset:
     try:
         return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
+        if "corresponds to no data" in str(err):
+            raise UsageError(f"{path}: the file has no rows; give a file with labelled examples") from None
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UsageError(f"{path}: could not be parsed as {builder} ({detail}); check the file's format") from None
 

@@ -1,0 +1,116 @@
+"""The typed config: defaults are the reference recipe, YAML + flag overrides, booleans with values, bad options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from peft_agnews.config import AG_NEWS_LABELS, TrainConfig, build_parser, parse_config
+from peft_agnews.errors import UsageError
+
+REFERENCE_RECIPE = {
+    "model_name_or_path": "roberta-base",
+    "dataset_name": "ag_news",
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.2,
+    "lora_bias": "lora_only",
+    "lora_target_modules": ["query", "value"],
+    "max_trainable_params": 1_000_000,
+    "learning_rate": 1e-4,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "per_device_train_batch_size": 32,
+    "gradient_accumulation_steps": 4,
+    "num_train_epochs": 6,
+    "lr_scheduler_type": "linear",
+    "warmup_ratio": 0.1,
+    "eval_steps": 200,
+    "save_steps": 200,
+    "logging_steps": 50,
+    "seed": 37,
+    "max_length": 128,
+    "gradient_checkpointing": True,
+    "validation_split": 0.1,
+    "group_by_length": True,
+    "label_names": AG_NEWS_LABELS,
+    "report_to": "wandb",
+}
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = parse_config([])
+    assert {k: getattr(cfg, k) for k in REFERENCE_RECIPE} == REFERENCE_RECIPE
+    assert AG_NEWS_LABELS == ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def test_yaml_file_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_r: 4\nlearning_rate: 0.001\nlora_target_modules: [query, key, value]\ngradient_checkpointing: false\n")
+    cfg = parse_config(["--config", str(path), "--lora_r", "16"])
+    assert cfg.lora_r == 16  # the flag wins
+    assert cfg.learning_rate == 1e-3 and cfg.lora_target_modules == ["query", "key", "value"]
+    assert cfg.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("text,expected", [("false", False), ("False", False), ("0", False), ("true", True), ("yes", True)])
+def test_booleans_take_a_value(text, expected):
+    assert parse_config(["--gradient_checkpointing", text]).gradient_checkpointing is expected
+    assert parse_config(["--group_by_length", text]).group_by_length is expected
+
+
+def test_conventional_hf_flag_names_are_all_accepted():
+    flags = (
+        "model_name_or_path tokenizer_name dataset_name train_file validation_file test_file output_dir "
+        "num_train_epochs max_train_steps per_device_train_batch_size per_device_eval_batch_size "
+        "gradient_accumulation_steps learning_rate weight_decay warmup_ratio lr_scheduler_type max_grad_norm "
+        "max_length lora_r lora_alpha lora_dropout lora_bias lora_target_modules eval_steps save_steps "
+        "logging_steps seed gradient_checkpointing max_train_samples max_eval_samples report_to "
+        "max_trainable_params mixed_precision dry_run group_by_length"
+    ).split()
+    help_text = build_parser().format_help()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for flag in flags:
+        assert flag in fields and f"--{flag}" in help_text, flag
+
+
+def test_every_option_has_help_text():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"{f.name} has no help"
+
+
+def test_unknown_yaml_key_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("lora_rank: 8\n")
+    with pytest.raises(UsageError, match=r"unknown options \['lora_rank'\]"):
+        parse_config(["--config", str(path)])
+
+
+def test_missing_or_malformed_yaml_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="config file not found"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_r: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        parse_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--warmup_ratio", "1.5"], "warmup_ratio"),
+        (["--lora_r", "0"], "lora_r"),
+        (["--label_names", "A", "A"], "distinct"),
+        (["--validation_split", "0"], "validation_split"),
+    ],
+)
+def test_invalid_values_are_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+def test_invalid_choice_exits_with_argparse_error():
+    with pytest.raises(SystemExit):
+        parse_config(["--lora_bias", "some"])

@@ -1,0 +1,124 @@
+"""Loading every supported format, the stratified split, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pandas as pd
+import pytest
+from datasets import ClassLabel
+
+from conftest import LABELS, synthetic_rows, write_canonical_csv
+from peft_agnews.config import TrainConfig
+from peft_agnews.data import load_splits, read_labelled_file
+from peft_agnews.errors import UsageError
+
+
+def hf_frame(n: int = 40) -> pd.DataFrame:
+    rows = synthetic_rows(n, seed=5)
+    return pd.DataFrame({"text": [f"{t} {d}" for _, t, d in rows], "label": [label for label, _, _ in rows]})
+
+
+def test_canonical_csv_joins_title_and_description_and_shifts_classes(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('"3","Wall St. Bears","Short-sellers are\\nseeing green again."\n"1","Title","Body"\n')
+    ds = read_labelled_file(str(path), LABELS)
+    assert ds["text"] == ["Wall St. Bears Short-sellers are\nseeing green again.", "Title Body"]
+    assert ds["label"] == [2, 0]
+    assert isinstance(ds.features["label"], ClassLabel) and ds.features["label"].names == LABELS
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_hf_style_files_with_text_and_label(tmp_path, suffix):
+    frame = hf_frame()
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    ds = read_labelled_file(str(path), LABELS)
+    assert ds["text"] == frame["text"].tolist() and ds["label"] == frame["label"].tolist()
+    assert ds.column_names == ["text", "label"]
+
+
+def test_label_names_are_accepted_as_labels(tmp_path):
+    path = tmp_path / "named.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"row {i}", "label": name}) for i, name in enumerate(LABELS)) + "\n")
+    assert read_labelled_file(str(path), LABELS)["label"] == [0, 1, 2, 3]
+
+
+def test_shared_real_files_load(shared_data):
+    canonical = read_labelled_file(str(shared_data / "agnews" / "train_head10429.csv"), LABELS)
+    assert len(canonical) == 10_429
+    assert Counter(canonical["label"]) == {0: 2630, 1: 2452, 2: 2594, 3: 2753}
+    assert canonical[0]["text"].startswith("Wall St. Bears Claw Back Into the Black (Reuters)")
+    parquet = read_labelled_file(str(shared_data / "agnews" / "extra" / "hf_train_sample2000_a.parquet"), LABELS)
+    assert len(parquet) == 2000 and Counter(parquet["label"]) == {0: 488, 1: 511, 2: 498, 3: 503}
+
+
+def test_stratified_split_is_90_10_per_class_and_seeded(synthetic_train_csv):
+    cfg = TrainConfig(train_file=str(synthetic_train_csv))
+    splits = load_splits(cfg)
+    assert (len(splits["train"]), len(splits["validation"])) == (432, 48)
+    assert Counter(splits["validation"]["label"]) == {0: 12, 1: 12, 2: 12, 3: 12}
+    again = load_splits(cfg)
+    assert again["validation"]["text"] == splits["validation"]["text"]
+    other = load_splits(TrainConfig(train_file=str(synthetic_train_csv), seed=1))
+    assert other["validation"]["text"] != splits["validation"]["text"]
+
+
+def test_validation_and_test_files_and_sample_caps(synthetic_train_csv, synthetic_test_csv):
+    cfg = TrainConfig(
+        train_file=str(synthetic_train_csv), validation_file=str(synthetic_test_csv), test_file=str(synthetic_test_csv),
+        max_train_samples=100, max_eval_samples=30,
+    )
+    splits = load_splits(cfg)
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (100, 30, 120)
+
+
+@pytest.mark.parametrize(
+    "content,suffix,message",
+    [
+        ('"5","t","d"\n', ".csv", "class '5' is outside 1..4"),
+        ('"0","t","d"\n', ".csv", "class '0' is outside 1..4"),
+        ("text,label\nhello,7\n", ".csv", "label 7 is not a known class"),
+        ('{"text": "hello", "label": "Politics"}\n', ".jsonl", "label 'Politics' is not a known class"),
+        ("text,label\n,1\nfine,2\n", ".csv", "row 1 has empty text"),
+        ('"2","",""\n', ".csv", "row 1 has empty text"),
+        ("text,label\n", ".csv", "has no rows"),
+        ("sentence,category\nhello,1\n", ".csv", r"missing column\(s\) \['text', 'label'\]"),
+        ('{"sentence": "x", "label": 1}\n', ".jsonl", r"missing column\(s\) \['text'\]"),
+        ("whatever", ".xlsx", "unsupported file type"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, content, suffix, message):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message) as err:
+        read_labelled_file(str(path), LABELS)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file_and_non_utf8_file(tmp_path):
+    with pytest.raises(UsageError, match="data file not found"):
+        read_labelled_file(str(tmp_path / "absent.csv"), LABELS)
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes('"1","Caf\xe9","cr\xe8me"\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8 text"):
+        read_labelled_file(str(latin), LABELS)
+
+
+def test_malformed_parquet_is_a_usage_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(UsageError, match="could not be parsed as parquet"):
+        read_labelled_file(str(path), LABELS)
+
+
+def test_too_few_rows_for_a_stratified_split(tmp_path):
+    path = write_canonical_csv(tmp_path / "tiny.csv", synthetic_rows(4))
+    with pytest.raises(UsageError, match="stratified"):
+        load_splits(TrainConfig(train_file=str(path)))

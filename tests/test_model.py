@@ -1,0 +1,136 @@
+"""LoRA wiring: the exact trainable count, the budget, target validation, and gradient flow (the preflight)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+from conftest import LABELS, tiny_train_args
+from peft_agnews.config import TrainConfig
+from peft_agnews.errors import UsageError
+from peft_agnews.model import GradientFlowError, apply_lora, check_gradient_flow, count_parameters, load_base_model
+from peft_agnews.train import cli
+
+REFERENCE_TRAINABLE = 907_012
+
+
+def roberta_base_shaped(config: RobertaConfig) -> RobertaForSequenceClassification:
+    config.num_labels = 4
+    return RobertaForSequenceClassification(config)
+
+
+def test_reference_recipe_trains_907012_parameters_on_roberta_base_shape():
+    """12 layers x (query, value) x (A 768x8 + B 8x768 + bias 768) + head (768x768+768 + 768x4+4)."""
+    # The count does not depend on the vocabulary size; a small vocab keeps this test light.
+    model = apply_lora(roberta_base_shaped(RobertaConfig(vocab_size=1000)), TrainConfig())
+    trainable, _ = count_parameters(model)
+    assert trainable == REFERENCE_TRAINABLE == 12 * 2 * (768 * 8 * 2 + 768) + (768 * 768 + 768) + (768 * 4 + 4)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == 24
+    assert any("classifier" in n for n in names)
+
+
+def test_shared_roberta_base_config_gives_the_same_count(shared_data):
+    config = AutoConfig.from_pretrained(shared_data / "roberta-base-tokenizer")
+    model = apply_lora(roberta_base_shaped(config), TrainConfig())
+    assert count_parameters(model)[0] == REFERENCE_TRAINABLE
+
+
+def test_budget_overrun_names_the_count_and_the_limit():
+    cfg = TrainConfig(lora_r=64, lora_target_modules=["query", "key", "value", "dense"])
+    with pytest.raises(UsageError, match=r"trainable parameters exceed --max_trainable_params 1,000,000"):
+        apply_lora(roberta_base_shaped(RobertaConfig(vocab_size=1000, num_hidden_layers=4)), cfg)
+
+
+def test_unknown_target_module_lists_the_available_names(tiny_model_dir):
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4)
+    with pytest.raises(UsageError, match=r"\['q_proj'\] not found.*'query'.*'value'"):
+        apply_lora(base, TrainConfig(lora_target_modules=["query", "q_proj"]))
+
+
+def test_label_names_flow_into_the_model_config(tiny_model_dir):
+    model = load_base_model(TrainConfig(model_name_or_path=str(tiny_model_dir)))
+    assert model.config.id2label == dict(enumerate(LABELS))
+    assert model.config.label2id == {name: i for i, name in enumerate(LABELS)}
+
+
+def lora_model(tiny_model_dir, **overrides):
+    cfg = TrainConfig(model_name_or_path=str(tiny_model_dir), lora_dropout=0.0, **overrides)
+    torch.manual_seed(0)
+    return apply_lora(load_base_model(cfg), cfg)
+
+
+def backward_once(model):
+    model.train()
+    batch = {
+        "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([0, 3]),
+    }
+    model(**batch).loss.backward()
+
+
+def test_preflight_passes_with_our_gradient_checkpointing(tiny_model_dir):
+    model = lora_model(tiny_model_dir, gradient_checkpointing=True)
+    backward_once(model)
+    check_gradient_flow(model)  # does not raise
+    b_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert b_grads and all(g is not None and g.abs().sum() > 0 for g in b_grads)
+
+
+def test_preflight_catches_the_report_trap_reentrant_checkpointing_starves_lora(tiny_model_dir):
+    """The design report's failure: reentrant checkpointing with inputs that do not require grad means autograd
+    never reaches the LoRA weights inside checkpointed layers; only the head learns."""
+    model = lora_model(tiny_model_dir, gradient_checkpointing=False)
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.disable_input_require_grads()
+    backward_once(model)
+    starved = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert starved and all("lora" in n or "bias" in n for n in starved)  # the failure mode is real...
+    assert any(p.grad is not None for n, p in model.named_parameters() if "classifier" in n)  # ...head still learns
+    with pytest.raises(GradientFlowError, match=r"lora_B.*\(no gradient\)"):  # ...and the preflight stops it
+        check_gradient_flow(model)
+
+
+def test_preflight_flags_zero_and_non_finite_gradients(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    backward_once(model)
+    head = next(p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad)
+    head.grad.zero_()
+    with pytest.raises(GradientFlowError, match="all-zero gradient"):
+        check_gradient_flow(model)
+    head.grad.fill_(float("nan"))
+    with pytest.raises(GradientFlowError, match="non-finite gradient"):
+        check_gradient_flow(model)
+
+
+def test_preflight_stops_a_real_run(tiny_model_dir, synthetic_train_csv, tmp_path, capsys, monkeypatch):
+    """The CLI turns a starved run into one error line and exit 2, before any optimizer step is taken."""
+    from peft_agnews import model as model_module
+
+    def reentrant_trap(model):
+        base = model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        base.disable_input_require_grads()
+
+    monkeypatch.setattr(model_module, "enable_gradient_checkpointing", reentrant_trap)
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path)) == 2
+    assert "gradient preflight failed" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_lora_b_matrices_move_during_training_with_gradient_checkpointing(tiny_model_dir, synthetic_train_csv, tmp_path):
+    from safetensors.torch import load_file
+
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path, gradient_checkpointing="true")) == 0
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b_matrices = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert len(b_matrices) == 4  # 2 layers x (query, value)
+    for name, value in b_matrices.items():
+        assert value.abs().max() > 1e-4, f"{name} did not move from its zero init"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["trainable_params"] == 3364
