@@ -66,6 +66,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
         "auto", "Precision: 'auto' takes the Accelerate config, else fp16 on GPU and fp32 on CPU."
     )
+    cast_frozen_weights: bool = _opt(
+        True, "Under fp16/bf16, keep the frozen base Linear weights in that dtype (same math, no per-step casts)."
+    )
     seed: int = _opt(37, "Seed for the split, the batch order, dropout and LoRA init.")
     # Schedule of side effects
     eval_steps: int = _opt(200, "Evaluate on validation every N optimizer steps (and at the end).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class RunLogger:
         self.accelerator.log(metrics, step=step)
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+                handle.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
     def finish(self) -> None:
         self.accelerator.end_training()

@@ -30,6 +30,7 @@ from peft_agnews.export import save_adapter, write_json
 from peft_agnews.model import (
     GradientFlowError,
     apply_lora,
+    cast_frozen_linear_weights,
     check_gradient_flow,
     count_parameters,
     load_base_model,
@@ -154,6 +155,9 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     # Model: base + LoRA within the parameter budget.
     model = apply_lora(load_base_model(cfg), cfg)
     trainable, total_params = count_parameters(model)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    if half is not None and cfg.cast_frozen_weights:
+        cast_frozen_linear_weights(model, half)
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator)
     accelerator.print(plan.describe(trainable, total_params))
     if cfg.dry_run:
@@ -204,7 +208,9 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
     state = TrainState()
     preflight_pending = True
     loss_sum = torch.zeros((), device=accelerator.device)
-    micro_batches = 0
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real (non-pad) tokens this interval
+    micro_batches = interval_samples = 0
+    interval_start = time.perf_counter()
     grad_norm = None
     progress = tqdm(total=plan.total_steps, disable=not accelerator.is_local_main_process, desc="train")
     model.train()
@@ -225,35 +231,44 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
                 optimizer.zero_grad()
             # Read back lazily: summing on device avoids a host sync every micro-batch.
             loss_sum += loss.detach()
+            tokens += batch["attention_mask"].sum()
             micro_batches += 1
-            state.samples_seen += batch["labels"].numel()
+            interval_samples += batch["labels"].numel()
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
             progress.update(1)
             if state.step % cfg.logging_steps == 0:
+                elapsed = time.perf_counter() - interval_start
+                counts = accelerator.reduce(torch.stack([tokens, torch.tensor(interval_samples, device=tokens.device)]), "sum")
                 metrics = {
                     "train/loss": accelerator.reduce(loss_sum / micro_batches, "mean").item(),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/epoch": state.step / plan.steps_per_epoch,
+                    "train/samples_per_second": counts[1].item() / elapsed,
+                    "train/tokens_per_second": counts[0].item() / elapsed,
                 }
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 logger.log(metrics, step=state.step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                state.samples_seen += int(counts[1])
                 loss_sum.zero_()
-                micro_batches = 0
+                tokens.zero_()
+                micro_batches = interval_samples = 0
             if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
                 run_evaluation(cfg, accelerator, model, val_loader, logger, state)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
                 accelerator.save_state(str(out / "checkpoints" / f"step_{state.step}"))
+            if state.step % cfg.logging_steps == 0 or state.step % cfg.eval_steps == 0:
+                interval_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
             if state.step >= plan.total_steps:
                 break
         if state.step >= plan.total_steps:
             break
     progress.close()
-    state.samples_seen = int(accelerator.reduce(torch.tensor(state.samples_seen, device=accelerator.device), "sum"))
+    state.samples_seen += int(accelerator.reduce(torch.tensor(interval_samples, device=accelerator.device), "sum"))
     return state
 
 
@@ -268,8 +283,10 @@ def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool
 
 
 def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainState) -> None:
+    started = time.perf_counter()
     metrics = evaluate(model, val_loader, accelerator, len(cfg.label_names))
-    logger.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_examples"}, step=state.step)
+    metrics["samples_per_second"] = metrics.pop("num_examples") / (time.perf_counter() - started)
+    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if metrics["accuracy"] > state.best_accuracy:
         state.best_accuracy, state.best_step = metrics["accuracy"], state.step
