@@ -1,0 +1,281 @@
+"""Training throughput: our Accelerate loop vs the HF Trainer + PEFT on identical model, data, batch and precision.
+
+Each measurement runs in its own subprocess (so peak memory and launch time are per run), the runners alternate
+round by round, and the table reports medians. Nothing here is asserted by tests; it prints numbers.
+
+    python benchmarks/train_throughput.py                       # roberta-base shape (random init), bf16, CPU
+    python benchmarks/train_throughput.py --precision fp32 --rounds 1
+    python benchmarks/train_throughput.py --device cuda --batch_size 32 --precision bf16
+
+Columns: train samples/s and real (non-pad) tokens/s over the steady steps (after --warmup steps), padding
+efficiency (real / computed tokens), achieved model FLOP/s (4 x linear-layer params x real tokens: forward plus
+activation gradients; recompute from gradient checkpointing not counted) and MFU against a bf16/fp32 matmul peak
+measured in this run, peak memory, evaluation samples/s, and seconds from process launch to the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of all runners (median reported)")
+    p.add_argument("--eval_rows", type=int, default=256)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
+    p.add_argument("--runners", default="ours,trainer", help="comma list of: ours, trainer, trainer_padded")
+    p.add_argument("--model_config", default=str(SHARED / "roberta-base-tokenizer"),
+                   help="folder with config.json + tokenizer; a random-init model of that shape is built")
+    p.add_argument("--model_dir", default=None, help="an existing model folder (skips building from --model_config)")
+    p.add_argument("--data", default=str(SHARED / "agnews" / "train_head10429.csv"))
+    p.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "peft-agnews-bench"))
+    p.add_argument("--json_out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- shared set-up
+def prepare_model(args) -> Path:
+    """A random-init model of the config's shape, saved once with its tokenizer (both runners load this)."""
+    if args.model_dir:
+        return Path(args.model_dir)
+    out = Path(args.work_dir) / ("model-" + Path(args.model_config).name)
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model_config, num_labels=4)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(args.model_config).save_pretrained(out)
+    return out
+
+
+def matmul_peak(device: str, precision: str) -> float:
+    """Measured FLOP/s of a 2048x2048 matmul in the run's compute dtype (bf16/fp16 or fp32)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * 2048**3 / best
+
+
+def linear_params(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    return c.num_hidden_layers * (4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def steady_rates(step_times: list[float], step_samples: list[int], step_tokens: list[int], warmup: int):
+    t = sum(step_times[warmup:])
+    return sum(step_samples[warmup:]) / t, sum(step_tokens[warmup:]) / t
+
+
+# ----------------------------------------------------------------------------------------------- runners
+def run_ours(args, model_dir: Path, launched: float) -> dict:
+    from peft_agnews.batching import make_dataloaders, tokenize_splits
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.data import load_splits
+    from peft_agnews.model import load_tokenizer
+    from peft_agnews.train import run
+
+    out = Path(args.work_dir) / f"ours-{os.getpid()}"
+    cfg = TrainConfig(
+        model_name_or_path=str(model_dir), train_file=args.data, output_dir=str(out), overwrite_output_dir=True,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, gradient_accumulation_steps=1,
+        max_train_steps=args.warmup + args.steps, max_eval_samples=args.eval_rows, max_length=args.max_length,
+        logging_steps=1, eval_steps=10**9, save_steps=0, report_to="none",
+        mixed_precision="no" if args.precision == "fp32" else args.precision,
+        gradient_checkpointing=args.gradient_checkpointing == "true",
+    )
+    run(cfg)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if "train/samples_per_second" in e]
+    times = [args.batch_size / e["train/samples_per_second"] for e in train]
+    tokens = [e["train/tokens_per_second"] * t for e, t in zip(train, times)]
+    samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), tokens, args.warmup)
+    # Padding efficiency of the very batches the loop trained on (same sampler, same collator).
+    tokenizer = load_tokenizer(cfg)
+    loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
+    real = padded = 0
+    for i, batch in enumerate(loader):
+        if i == len(train):
+            break
+        real += int(batch["attention_mask"].sum())
+        padded += batch["attention_mask"].numel()
+    eval_event = next(e for e in events if "eval/samples_per_second" in e)
+    return {
+        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": real / padded,
+        "eval_samples_s": eval_event["eval/samples_per_second"], "first_step_s": train[0]["time"] - launched,
+    }
+
+
+def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dict:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.data import load_splits
+
+    cfg = TrainConfig(train_file=args.data, max_eval_samples=args.eval_rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = load_splits(cfg)  # identical rows and split to ours
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=args.max_length,
+                        padding="max_length" if pad_to_max else False)
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    data = splits.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    counts = {"real": [], "padded": []}
+
+    def counting_collator(features):
+        batch = collate([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+        counts["real"].append(int(batch["attention_mask"].sum()))
+        counts["padded"].append(batch["attention_mask"].numel())
+        return batch
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_begin(self, *a, **k):
+            if not self.marks:
+                self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+            if len(self.marks) == 2:
+                self.first_step_wall = time.time()
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=4)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.2,
+                                            bias="lora_only", target_modules=["query", "value"]))
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.work_dir) / f"trainer-{os.getpid()}"), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64, max_steps=args.warmup + args.steps, learning_rate=1e-4, weight_decay=0.01,
+        warmup_steps=0.1, lr_scheduler_type="linear", bf16=args.precision == "bf16", fp16=args.precision == "fp16",
+        gradient_checkpointing=args.gradient_checkpointing == "true",
+        train_sampling_strategy="random" if pad_to_max else "group_by_length",
+        logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=37,
+        use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    timer = StepTimes()
+    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                      data_collator=counting_collator, callbacks=[timer])
+    trainer.train()
+    times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), counts["real"], args.warmup)
+    pad_eff = sum(counts["real"][: len(times)]) / sum(counts["padded"][: len(times)])
+    evaluation = trainer.evaluate()
+    return {
+        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": pad_eff,
+        "eval_samples_s": evaluation["eval_samples_per_second"], "first_step_s": timer.first_step_wall - launched,
+    }
+
+
+def child(args) -> None:
+    launched = float(os.environ["BENCH_LAUNCHED"])
+    model_dir = Path(os.environ["BENCH_MODEL_DIR"])
+    if args._child == "ours":
+        row = run_ours(args, model_dir, launched)
+    else:
+        row = run_trainer(args, model_dir, launched, pad_to_max=args._child == "trainer_padded")
+    row["peak_mem_gib"] = peak_memory_gib(args.device)
+    print("BENCH_ROW " + json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._child:
+        return child(args)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(args)
+    peak = matmul_peak(args.device, args.precision)
+    n_linear = linear_params(model_dir)
+    runners = args.runners.split(",")
+    results: dict[str, list[dict]] = {r: [] for r in runners}
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for round_index in range(args.rounds):
+        for runner in runners:
+            env = {**os.environ, "BENCH_LAUNCHED": repr(time.time()), "BENCH_MODEL_DIR": str(model_dir),
+                   "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run([sys.executable, __file__, *passthrough, "--_child", runner], env=env,
+                                  capture_output=True, text=True, cwd=REPO)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROW ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"error: {runner} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            results[runner].append(json.loads(line[len("BENCH_ROW "):]))
+            print(f"round {round_index + 1}/{args.rounds} {runner}: {results[runner][-1]['samples_s']:.2f} samples/s",
+                  file=sys.stderr, flush=True)
+
+    rows = []
+    for runner, runs in results.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        flops = med["tokens_s"] * 4 * n_linear
+        rows.append({"runner": runner, **med, "tflops": flops / 1e12, "mfu": flops / peak})
+    print(f"\n{args.device}, {args.precision}, batch {args.batch_size}, gradient checkpointing "
+          f"{args.gradient_checkpointing}, {args.steps} timed steps after {args.warmup}, median of {args.rounds} "
+          f"round(s); matmul peak {peak / 1e12:.3f} TFLOP/s ({args.precision}); model {model_dir.name}\n")
+    header = "| runner | train samples/s | real tokens/s | padding eff. | TFLOP/s | MFU | peak mem GiB | eval samples/s | launch to 1st step s |"
+    print(header + "\n|" + "---|" * 9)
+    for r in rows:
+        print(f"| {r['runner']} | {r['samples_s']:.2f} | {r['tokens_s']:.0f} | {r['pad_eff']:.2f} | {r['tflops']:.3f} | "
+              f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | {r['eval_samples_s']:.1f} | {r['first_step_s']:.1f} |")
+    by = {r["runner"]: r for r in rows}
+    if "ours" in by and "trainer" in by:
+        print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
