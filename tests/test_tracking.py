@@ -105,21 +105,32 @@ def wandb_dirs(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- the end-to-end run
 @pytest.fixture(scope="module")
 def tracked_run(tiny_model_dir, synthetic_train_csv, synthetic_test_csv, tmp_path_factory):
-    """One tiny run with W&B on (offline), a fake API key in the environment, in a fresh process."""
+    """One tiny run on 2 processes (cpu_ddp.yaml) with W&B on (offline) and a fake API key in the environment."""
     root = tmp_path_factory.mktemp("tracked")
     out, home = root / "out", root / "wandb-home"
-    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}
-    for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
-        (home / sub).mkdir(parents=True)
-        env[var] = str(home / sub)
     argv = tiny_train_args(
         tiny_model_dir, synthetic_train_csv, out, test_file=synthetic_test_csv, report_to="wandb",
         run_name="tiny-tracked", wandb_group="tests", wandb_tags="tiny,offline",
     )
-    proc = run_cli([sys.executable, "peft_agnews/train.py", *argv], env=env)
-    assert proc.returncode == 0, proc.stdout
-    (run_dir,) = offline_runs(out)
-    return {"out": out, "home": home, "stdout": proc.stdout, "run_dir": run_dir, "wandb": read_offline_run(run_dir)}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_API_KEY", FAKE_KEY)
+        for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+            (home / sub).mkdir(parents=True)
+            env.setenv(var, str(home / sub))
+        proc = accelerate_launch("cpu_ddp.yaml", argv)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = offline_runs(out)
+    return {"out": out, "home": home, "stdout": proc.stdout + proc.stderr, "runs": runs, "run_dir": runs[0],
+            "wandb": read_offline_run(runs[0])}
+
+
+@pytest.mark.slow
+def test_two_processes_make_exactly_one_wandb_run(tracked_run):
+    assert len(tracked_run["runs"]) == 1, tracked_run["runs"]
+    assert tracked_run["wandb"]["config"]["accelerate"]["num_processes"] == 2
+    assert [a.type for a in tracked_run["wandb"]["artifacts"]].count("model") == 1
+    assert tracked_run["stdout"].count("wandb: Find logs at") == 1
 
 
 @pytest.mark.slow
@@ -129,12 +140,12 @@ def test_offline_run_holds_the_full_config(tracked_run):
     assert run.project == "peft-agnews"
     assert config["lora_r"] == 8 and config["lora_target_modules"] == ["query", "value"]
     assert config["max_train_steps"] == 12 and config["learning_rate"] == 5e-3
-    assert config["accelerate"]["num_processes"] == 1 and config["accelerate"]["gradient_accumulation_steps"] == 2
+    assert config["accelerate"]["num_processes"] == 2 and config["accelerate"]["gradient_accumulation_steps"] == 2
     assert config["accelerate"]["mixed_precision"] == "no"
     assert config["versions"]["torch"] == torch.__version__ and "wandb" in config["versions"]
     assert config["params"]["trainable_params"] == 3364 and config["params"]["total_params"] > 3364
     assert config["data"] == {"train_examples": 432, "validation_examples": 48, "test_examples": 120}
-    assert config["plan"]["total_steps"] == 12 and config["plan"]["effective_batch"] == 32
+    assert config["plan"]["total_steps"] == 12 and config["plan"]["effective_batch"] == 64
     # The same config is saved next to the metrics.
     saved = json.loads((tracked_run["out"] / "run_config.json").read_text())
     assert {k: v for k, v in config.items() if k != "_wandb"} == saved
@@ -161,7 +172,7 @@ def test_every_scalar_in_wandb_history_is_in_metrics_jsonl_on_the_optimizer_step
     assert set(local[6]) == train_keys | eval_keys
     assert set(local[12]) == train_keys | eval_keys | test_keys
     assert all(local[s]["train/grad_norm"] > 0 for s in local)
-    # 32 rows per optimizer step; tokens per second exceed samples per second (each row has several tokens).
+    # 64 rows per optimizer step over both processes; tokens per second exceed samples per second (each row has several tokens).
     assert all(local[s]["train/tokens_per_second"] > 3 * local[s]["train/samples_per_second"] > 0 for s in local)
     # Macro F1 is the mean of the logged per-class F1s.
     assert local[6]["eval/f1_macro"] == pytest.approx(sum(local[6][k] for k in PER_CLASS) / 4)
@@ -251,19 +262,6 @@ def test_api_key_is_never_written_or_printed(tracked_run):
 
 # --------------------------------------------------------------------------------------- processes and resume
 @pytest.mark.slow
-def test_two_processes_make_exactly_one_wandb_run(tiny_model_dir, synthetic_train_csv, tmp_path, wandb_dirs):
-    argv = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path, max_train_steps=4, eval_steps=2,
-                           report_to="offline")
-    proc = accelerate_launch("cpu_ddp.yaml", argv)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run_dir,) = offline_runs(tmp_path)
-    run = read_offline_run(run_dir)
-    assert run["config"]["accelerate"]["num_processes"] == 2
-    assert [row["_step"] for row in run["history"] if "eval/accuracy" in row] == [2, 4]
-    assert [a.type for a in run["artifacts"]].count("model") == 1
-
-
-@pytest.mark.slow
 def test_resume_run_id_reopens_the_same_wandb_run(tmp_path, wandb_dirs):
     """The hook for resuming: `RunLogger.run_id` is what to store, `start(resume_run_id=...)` continues that run."""
     code = """
@@ -272,23 +270,25 @@ from pathlib import Path
 from accelerate import Accelerator
 from peft_agnews.config import TrainConfig
 from peft_agnews.tracking import RunLogger
-out = Path(sys.argv[1])
-cfg = TrainConfig(output_dir=str(out), report_to="offline")
-logger = RunLogger(Accelerator(cpu=True, log_with="wandb"), out)
-logger.start(cfg, {"seed": 1}, resume_run_id=sys.argv[2] if len(sys.argv) > 2 else None)
-logger.log({"train/loss": 1.0}, step=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-print("RUN_ID", logger.run_id)
-logger.finish()
+
+def session(out, resume_run_id, step):
+    logger = RunLogger(Accelerator(cpu=True, log_with="wandb"), Path(out))
+    logger.start(TrainConfig(output_dir=out, report_to="offline"), {"seed": 1}, resume_run_id=resume_run_id)
+    logger.log({"train/loss": 1.0 / step}, step=step)
+    run_id = logger.run_id
+    logger.finish()
+    return run_id
+
+first = session(sys.argv[1], None, 1)
+print("RUN_IDS", first, session(sys.argv[2], first, 5))
 """
-    first = run_cli([sys.executable, "-c", code, str(tmp_path / "a")])
-    assert first.returncode == 0, first.stdout
-    run_id = first.stdout.split("RUN_ID ")[1].split()[0]
-    again = run_cli([sys.executable, "-c", code, str(tmp_path / "b"), run_id, "5"])
-    assert again.returncode == 0, again.stdout
-    assert again.stdout.split("RUN_ID ")[1].split()[0] == run_id
-    (resumed,) = offline_runs(tmp_path / "b")
-    record = read_offline_run(resumed)
-    assert record["run"].run_id == run_id and [row["_step"] for row in record["history"]] == [5]
+    proc = run_cli([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")])
+    assert proc.returncode == 0, proc.stdout
+    first, resumed = proc.stdout.split("RUN_IDS ")[1].split()[:2]
+    assert resumed == first and len(first) >= 8
+    (before,), (after,) = offline_runs(tmp_path / "a"), offline_runs(tmp_path / "b")
+    assert read_offline_run(before)["run"].run_id == read_offline_run(after)["run"].run_id == first
+    assert [row["_step"] for row in read_offline_run(after)["history"]] == [5]
 
 
 # --------------------------------------------------------------------------------------- modes and options
