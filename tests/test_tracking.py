@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -317,12 +316,17 @@ def test_mode_resolution(report_to, env_mode, has_key, expected, monkeypatch, tm
     assert resolve_wandb_mode(parse_config(["--report_to", report_to])) == expected
 
 
-def test_online_without_a_key_and_unknown_modes_are_refused(monkeypatch, tmp_path):
+def test_online_without_a_key_and_unknown_modes_are_refused(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     with pytest.raises(UsageError, match="online mode needs an API key"):
         resolve_wandb_mode(parse_config(["--report_to", "online"]))
+    from peft_agnews.train import cli
+
+    out = tmp_path / "never"
+    assert cli(["--report_to", "online", "--output_dir", str(out), "--train_file", "missing.csv"]) == 2
+    assert "error: W&B online mode needs an API key" in capsys.readouterr().err and not out.exists()
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(UsageError, match="WANDB_MODE=sometimes is not a W&B mode"):
         resolve_wandb_mode(parse_config([]))
@@ -365,12 +369,13 @@ def test_worst_misclassified_orders_by_confidence_and_checks_alignment():
 
 # --------------------------------------------------------------------------------------- sweep
 def test_sweep_file_runs_trials_of_this_trainer(tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch, capsys):
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_config
 
     from peft_agnews.train import cli
 
-    sweep = yaml.safe_load((REPO / "launch" / "sweep.yaml").read_text())
+    sweep = load_sweep_config(str(REPO / "launch" / "sweep.yaml"))  # as `wandb sweep` reads it
     assert (REPO / sweep["program"]).is_file() and sweep["metric"]["name"] == "best_eval_accuracy"
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
     swept = {"lora_r", "lora_alpha", "lora_target_modules", "learning_rate", "lr_scheduler_type"}
     assert swept <= set(sweep["parameters"])
     # Every value choice parses, formatted exactly as `wandb agent` formats a trial's arguments.
