@@ -59,6 +59,14 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(order)
 
 
+def eval_order(split: Dataset) -> list[int]:
+    """Row indices in evaluation-loader order, which is also the order of the gathered predictions.
+
+    Longest first: an out-of-memory error shows at once, and similar lengths share a batch. Stable for ties."""
+    lengths = torch.tensor(list(split["length"]))
+    return torch.sort(lengths, descending=True, stable=True).indices.tolist()
+
+
 def make_dataloaders(
     tokenized: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig
 ) -> dict[str, DataLoader]:
@@ -80,7 +88,6 @@ def make_dataloaders(
     for split in tokenized:
         if split == "train":
             continue
-        # Longest first: an out-of-memory error shows at once, and similar lengths share a batch.
-        ordered = tokenized[split].sort("length", reverse=True).select_columns(model_columns)
+        ordered = tokenized[split].select(eval_order(tokenized[split])).select_columns(model_columns)
         loaders[split] = DataLoader(ordered, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
     return loaders

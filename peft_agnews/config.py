@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,12 +79,23 @@ class TrainConfig:
     output_dir: str = _opt("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
     overwrite_output_dir: bool = _opt(False, "Allow writing into an output_dir that already holds a finished run.")
     # Tracking
-    report_to: Literal["wandb", "none"] = _opt("wandb", "Experiment tracker.")
+    report_to: Literal["wandb", "online", "offline", "disabled", "none"] = _opt(
+        "wandb",
+        "W&B mode. 'wandb': $WANDB_MODE if set, else online with an API key, offline without; "
+        "'online'/'offline' force that mode; 'disabled'/'none': no tracking.",
+    )
     wandb_project: str = _opt("peft-agnews", "W&B project.")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team; default: the key's default entity).")
+    wandb_group: str | None = _opt(None, "W&B group: gathers related runs (a sweep, repeated seeds) in the UI.")
+    wandb_tags: list[str] = _opt([], "W&B tags (space- or comma-separated).")
     run_name: str | None = _opt(None, "W&B run name.")
     dry_run: bool = _opt(False, "Build data and model, print the plan, write nothing, exit.")
 
     def __post_init__(self) -> None:
+        # W&B sweep agents pass lists as one `--name=a,b` argument.
+        self.lora_target_modules = _split_commas(self.lora_target_modules)
+        self.wandb_tags = _split_commas(self.wandb_tags)
+        self.output_dir = _expand_env(self.output_dir, "--output_dir")
         checks = [
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
@@ -105,6 +118,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _split_commas(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+
+
+def _expand_env(value: str, option: str) -> str:
+    """Expand $VARS (e.g. `outputs/sweep/$WANDB_RUN_ID`: one folder per sweep trial); an unset one is an error."""
+    expanded = os.path.expandvars(value)
+    unset = re.findall(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise UsageError(f"{option} {value} uses ${unset[0]}, which is not set; set it or give a literal path")
+    return expanded
 
 
 def build_parser() -> HfArgumentParser:

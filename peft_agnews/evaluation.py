@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -24,8 +26,9 @@ def predict_logits(model: torch.nn.Module, dataloader: DataLoader, accelerator: 
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of `logits` against `labels`."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, Any]:
+    """Loss, accuracy and macro-F1 of `logits` against `labels` (floats), plus `f1_per_class` (list, one F1 per
+    label id) and `confusion_matrix` (rows: true label, columns: predicted label)."""
     preds = logits.argmax(dim=-1)
     confusion = torch.bincount(labels * num_labels + preds, minlength=num_labels * num_labels).view(num_labels, -1)
     true_pos = confusion.diag().double()
@@ -37,10 +40,42 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_label
         "accuracy": (preds == labels).double().mean().item(),
         "f1_macro": f1.mean().item(),
         "num_examples": int(labels.numel()),
+        "f1_per_class": f1.tolist(),
+        "confusion_matrix": confusion.tolist(),
     }
 
 
-def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, float]:
+def worst_misclassified(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    texts: list[str],
+    text_labels: list[int],
+    label_names: list[str],
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The `limit` wrong predictions made with the highest confidence, most confident first.
+
+    `texts[i]` (labelled `text_labels[i]`) must be the example behind `logits[i]`, see `batching.eval_order`; the
+    labels are compared to catch texts listed in another order than the predictions."""
+    if not torch.equal(torch.as_tensor(text_labels, dtype=labels.dtype), labels):
+        raise ValueError("the texts are not in the order of the predictions (their labels differ)")
+    probs = logits.float().softmax(dim=-1)
+    confidence, preds = probs.max(dim=-1)
+    wrong = (preds != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:limit].tolist()
+    return [
+        {
+            "text": texts[i],
+            "true": label_names[labels[i]],
+            "predicted": label_names[preds[i]],
+            "confidence": round(confidence[i].item(), 4),
+            "true_class_probability": round(probs[i, labels[i]].item(), 4),
+        }
+        for i in worst
+    ]
+
+
+def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, Any]:
     """Metrics of `model` on the whole split behind `dataloader`."""
     logits, labels = predict_logits(model, dataloader, accelerator)
     return classification_metrics(logits, labels, num_labels)

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,11 +21,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peft_agnews.batching import make_dataloaders, tokenize_splits
+from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import load_splits
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import evaluate
+from peft_agnews.evaluation import classification_metrics, evaluate, predict_logits, worst_misclassified
 from peft_agnews.export import save_adapter, write_json
 from peft_agnews.model import (
     GradientFlowError,
@@ -37,7 +37,10 @@ from peft_agnews.model import (
     load_tokenizer,
     optimizer_param_groups,
 )
-from peft_agnews.tracking import RunLogger, tracker_name
+from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
+
+# Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
+MISCLASSIFIED_ROWS = 50
 
 
 @dataclass
@@ -91,6 +94,8 @@ class TrainState:
     best_accuracy: float = -1.0
     best_step: int = 0
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
+    best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
     samples_seen: int = 0
     last_eval_step: int = -1
 
@@ -142,6 +147,7 @@ def run(cfg: TrainConfig) -> dict | None:
 
 
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
+    wall_start = time.perf_counter()
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
 
@@ -171,7 +177,9 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
     )
     logger = RunLogger(accelerator, out)
-    logger.start(cfg, {"trainable_params": trainable, "total_params": total_params, "num_processes": plan.num_processes})
+    data_sizes = {f"{name}_examples": len(split) for name, split in splits.items()}
+    params = {"trainable_params": trainable, "total_params": total_params}
+    logger.start(cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(plan)))
 
     started = time.perf_counter()
     state = fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, out)
@@ -194,10 +202,19 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     if "test" in loaders:
         test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
         results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"]})
-        logger.log({f"test/{k}": v for k, v in test.items()}, step=state.step)
+        logger.log_evaluation("test", test, cfg.label_names, step=state.step)
+    if accelerator.is_main_process and state.best_predictions is not None:
+        validation = splits["validation"].select(eval_order(tokenized["validation"]))
+        rows = worst_misclassified(
+            *state.best_predictions, list(validation["text"]), list(validation["label"]), cfg.label_names,
+            MISCLASSIFIED_ROWS,
+        )
+        logger.log_table("eval/misclassified", rows, step=state.step)
+    results["wall_time_seconds"] = time.perf_counter() - wall_start
     if accelerator.is_main_process:
         save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter")
         write_json(out / "results.json", results)
+        logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
@@ -208,10 +225,9 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
     state = TrainState()
     preflight_pending = True
     loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # real (non-pad) tokens this interval
-    micro_batches = interval_samples = 0
-    interval_start = time.perf_counter()
+    micro_batches = 0
     grad_norm = None
+    throughput = ThroughputMeter(accelerator)
     progress = tqdm(total=plan.total_steps, disable=not accelerator.is_local_main_process, desc="train")
     model.train()
     for epoch in range(plan.num_epochs):
@@ -221,8 +237,8 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    # An infinite limit measures the norm without clipping.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
                     if preflight_pending:
                         preflight_pending = not gradient_preflight(accelerator, model)
                 optimizer.step()
@@ -231,44 +247,38 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
                 optimizer.zero_grad()
             # Read back lazily: summing on device avoids a host sync every micro-batch.
             loss_sum += loss.detach()
-            tokens += batch["attention_mask"].sum()
             micro_batches += 1
-            interval_samples += batch["labels"].numel()
+            state.samples_seen += batch["labels"].numel()
+            throughput.update(batch)
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
             progress.update(1)
             if state.step % cfg.logging_steps == 0:
-                elapsed = time.perf_counter() - interval_start
-                counts = accelerator.reduce(torch.stack([tokens, torch.tensor(interval_samples, device=tokens.device)]), "sum")
                 metrics = {
                     "train/loss": accelerator.reduce(loss_sum / micro_batches, "mean").item(),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/epoch": state.step / plan.steps_per_epoch,
-                    "train/samples_per_second": counts[1].item() / elapsed,
-                    "train/tokens_per_second": counts[0].item() / elapsed,
+                    **throughput.report(),
                 }
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 logger.log(metrics, step=state.step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                state.samples_seen += int(counts[1])
                 loss_sum.zero_()
-                tokens.zero_()
-                micro_batches = interval_samples = 0
-            if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
-                run_evaluation(cfg, accelerator, model, val_loader, logger, state)
-            if cfg.save_steps and state.step % cfg.save_steps == 0:
-                accelerator.save_state(str(out / "checkpoints" / f"step_{state.step}"))
-            if state.step % cfg.logging_steps == 0 or state.step % cfg.eval_steps == 0:
-                interval_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
+                micro_batches = 0
+            with throughput.paused():
+                if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
+                    run_evaluation(cfg, accelerator, model, val_loader, logger, state)
+                if cfg.save_steps and state.step % cfg.save_steps == 0:
+                    accelerator.save_state(str(out / "checkpoints" / f"step_{state.step}"))
             if state.step >= plan.total_steps:
                 break
         if state.step >= plan.total_steps:
             break
     progress.close()
-    state.samples_seen += int(accelerator.reduce(torch.tensor(interval_samples, device=accelerator.device), "sum"))
+    state.samples_seen = int(accelerator.reduce(torch.tensor(state.samples_seen, device=accelerator.device), "sum"))
     return state
 
 
@@ -284,13 +294,15 @@ def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool
 
 def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainState) -> None:
     started = time.perf_counter()
-    metrics = evaluate(model, val_loader, accelerator, len(cfg.label_names))
-    metrics["samples_per_second"] = metrics.pop("num_examples") / (time.perf_counter() - started)
-    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+    logits, labels = predict_logits(model, val_loader, accelerator)
+    metrics = classification_metrics(logits, labels, len(cfg.label_names))
+    metrics["samples_per_second"] = metrics["num_examples"] / (time.perf_counter() - started)
+    logger.log_evaluation("eval", metrics, cfg.label_names, step=state.step)
     accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if metrics["accuracy"] > state.best_accuracy:
         state.best_accuracy, state.best_step = metrics["accuracy"], state.step
         state.best_weights = trainable_weights(accelerator.unwrap_model(model))
+        state.best_predictions = (logits, labels)
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
