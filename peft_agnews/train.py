@@ -52,6 +52,8 @@ class Plan:
     warmup_steps: int
     num_epochs: int
     effective_batch: int
+    per_device_batch: int
+    accumulation_steps: int
     mixed_precision: str
 
     @classmethod
@@ -71,6 +73,8 @@ class Plan:
             warmup_steps=math.ceil(cfg.warmup_ratio * total),
             num_epochs=math.ceil(total / per_epoch),
             effective_batch=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * procs,
+            per_device_batch=cfg.per_device_train_batch_size,
+            accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=accelerator.mixed_precision,
         )
 
@@ -78,7 +82,9 @@ class Plan:
         return (
             f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%)\n"
             f"plan: {self.train_examples:,} train / {self.eval_examples:,} validation examples; "
-            f"{self.num_processes} process(es), effective batch {self.effective_batch}; "
+            f"{self.num_processes} process(es), effective batch {self.effective_batch} "
+            f"(= {self.per_device_batch} per device x {self.accumulation_steps} accumulation x "
+            f"{self.num_processes} process(es)); "
             f"{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch, {self.num_epochs} epoch(s)), "
             f"{self.warmup_steps} warmup; precision {self.mixed_precision}"
         )
@@ -131,6 +137,9 @@ def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
     accelerator = make_accelerator(cfg)
     try:
+        # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
+        cfg = cfg.for_processes(accelerator.num_processes)
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         return _run(cfg, accelerator)
     finally:
         # Release the wrapped model, optimizer and loaders before the process group goes away: gloo runs
@@ -149,7 +158,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     with accelerator.main_process_first():
         splits = load_splits(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
-    loaders = make_dataloaders(tokenized, tokenizer, cfg)
+    loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
 
     # Model: base + LoRA within the parameter budget.
     model = apply_lora(load_base_model(cfg), cfg)
