@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import get_scheduler
 
 from peft_agnews.batching import make_dataloaders, tokenize_splits
@@ -121,6 +122,15 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP1, shard LoRA-aware (PEFT's policy): transformer layers (FSDP_TRANSFORMER_CLS_TO_WRAP, set by
+    `accelerate launch` from the config, else the model's `_no_split_modules`) and every leaf with trainable
+    weights become FSDP units, so frozen base weights and trained LoRA/head weights never share a flat parameter."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and plugin.fsdp_version == 1:
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if (out / "results.json").exists() and not cfg.overwrite_output_dir:
@@ -172,6 +182,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
     )
+    use_lora_wrap_policy(accelerator, model)
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
     )
