@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from conftest import accelerate_launch, tiny_train_args
 from peft_agnews.batching import LengthGroupedSampler
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
-from peft_agnews.train import cli
+from peft_agnews.train import Plan, cli
 
 STEPS = 4
 GLOBAL_BATCH = 32
@@ -61,6 +62,18 @@ def test_global_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(UsageError, match="cannot be split over 4 processes; choose a multiple of 4"):
         TrainConfig(global_batch_size=30).for_processes(4)
     assert TrainConfig(per_device_train_batch_size=16).for_processes(4).gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("examples", [432, 108_000, 1001])
+def test_optimizer_steps_and_warmup_do_not_depend_on_the_process_count(examples):
+    plans = []
+    for processes in (1, 2, 4, 8):
+        cfg = TrainConfig(global_batch_size=128, per_device_train_batch_size=32, num_train_epochs=3)
+        accelerator = SimpleNamespace(num_processes=processes, mixed_precision="no")
+        plan = Plan.build(cfg.for_processes(processes), examples, 100, accelerator)
+        assert plan.effective_batch == 128
+        plans.append((plan.steps_per_epoch, plan.total_steps, plan.warmup_steps, plan.num_epochs))
+    assert len(set(plans)) == 1 and plans[0][0] == -(-examples // 128)
 
 
 @pytest.fixture(scope="module")
