@@ -14,7 +14,7 @@ from peft_agnews.config import TrainConfig
 
 # Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
 PAD_TO_MULTIPLE_OF = 8
-# Rows are sorted by length inside shuffled windows of this many batches (the HF Trainer's choice).
+# Rows are sorted by length inside shuffled windows of this many global batches (the HF Trainer's factor).
 MEGABATCH_FACTOR = 50
 
 
@@ -31,15 +31,18 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max
 
 
 class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices where each window of `batch_size * MEGABATCH_FACTOR` rows is sorted by length.
+    """Shuffled indices where each window of `global_batch * MEGABATCH_FACTOR` rows is sorted by length.
 
-    The order is a pure function of (seed, epoch), so every process and every resumed run sees the same order.
-    Accelerate's prepared dataloader calls `set_epoch` on this sampler.
+    The order is a pure function of (seed, epoch, global_batch), never of the micro-batch size or the process
+    count. Accelerate's `BatchSamplerShard` hands rank r the micro-batches r, r+P, r+2P, ... of this order, so
+    optimizer step k consumes rows [k*G, (k+1)*G) whatever the split of G into processes x accumulation x
+    micro-batch: 1 process x 4 x 8 trains on exactly the rows of 2 processes x 1 x 16. Every process and every
+    resumed run sees the same order; Accelerate's prepared dataloader calls `set_epoch` on this sampler.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True) -> None:
+    def __init__(self, lengths: list[int], global_batch: int, seed: int, group_by_length: bool = True) -> None:
         self.lengths = lengths
-        self.window = batch_size * MEGABATCH_FACTOR
+        self.window = global_batch * MEGABATCH_FACTOR
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
@@ -68,15 +71,17 @@ def eval_order(split: Dataset) -> list[int]:
 
 
 def make_dataloaders(
-    tokenized: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig
+    tokenized: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, num_processes: int = 1
 ) -> dict[str, DataLoader]:
-    """Training loader (length-grouped, seeded) and evaluation loaders (sorted by length, no shuffle)."""
+    """Training loader (length-grouped, seeded) and evaluation loaders (sorted by length, no shuffle).
+
+    The loaders are built for one process; `accelerator.prepare` shards them over `num_processes`.
+    """
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
     model_columns = ["input_ids", "attention_mask", "labels"]
     train: Dataset = tokenized["train"]
-    sampler = LengthGroupedSampler(
-        train["length"], cfg.per_device_train_batch_size, cfg.seed, cfg.group_by_length
-    )
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    sampler = LengthGroupedSampler(train["length"], global_batch, cfg.seed, cfg.group_by_length)
     loaders = {
         "train": DataLoader(
             train.select_columns(model_columns),

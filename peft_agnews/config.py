@@ -61,6 +61,12 @@ class TrainConfig:
     per_device_train_batch_size: int = _opt(32, "Training micro-batch per process.")
     per_device_eval_batch_size: int = _opt(64, "Evaluation batch per process.")
     gradient_accumulation_steps: int = _opt(4, "Micro-batches per optimizer step.")
+    global_batch_size: int | None = _opt(
+        None,
+        "Fix the effective batch (examples per optimizer step) whatever the process count: the micro-batch becomes "
+        "the largest divisor of global/processes up to --per_device_train_batch_size, and accumulation fills the "
+        "rest (--gradient_accumulation_steps is then ignored).",
+    )
     num_train_epochs: float = _opt(6.0, "Passes over the training split.")
     max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).")
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = _opt("linear", "Learning-rate schedule.")
@@ -100,6 +106,7 @@ class TrainConfig:
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+            (self.global_batch_size is None or self.global_batch_size >= 1, "--global_batch_size must be >= 1"),
             (self.num_train_epochs > 0, "--num_train_epochs must be > 0"),
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
@@ -118,6 +125,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_processes(self, num_processes: int) -> TrainConfig:
+        """This config with micro-batch and accumulation derived from --global_batch_size for `num_processes`.
+
+        Without --global_batch_size the config is returned unchanged (effective batch = per-device x accumulation
+        x processes, so it grows with the process count).
+        """
+        if self.global_batch_size is None:
+            return self
+        if self.global_batch_size % num_processes:
+            raise UsageError(
+                f"--global_batch_size {self.global_batch_size} cannot be split over {num_processes} processes; "
+                f"choose a multiple of {num_processes}"
+            )
+        per_process = self.global_batch_size // num_processes
+        micro = max(d for d in range(1, min(self.per_device_train_batch_size, per_process) + 1) if per_process % d == 0)
+        return dataclasses.replace(
+            self, per_device_train_batch_size=micro, gradient_accumulation_steps=per_process // micro
+        )
 
 
 def _split_commas(values: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import get_scheduler
 
 from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
@@ -56,6 +57,8 @@ class Plan:
     warmup_steps: int
     num_epochs: int
     effective_batch: int
+    per_device_batch: int
+    accumulation_steps: int
     mixed_precision: str
 
     @classmethod
@@ -75,6 +78,8 @@ class Plan:
             warmup_steps=math.ceil(cfg.warmup_ratio * total),
             num_epochs=math.ceil(total / per_epoch),
             effective_batch=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * procs,
+            per_device_batch=cfg.per_device_train_batch_size,
+            accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=accelerator.mixed_precision,
         )
 
@@ -82,7 +87,9 @@ class Plan:
         return (
             f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%)\n"
             f"plan: {self.train_examples:,} train / {self.eval_examples:,} validation examples; "
-            f"{self.num_processes} process(es), effective batch {self.effective_batch}; "
+            f"{self.num_processes} process(es), effective batch {self.effective_batch} "
+            f"(= {self.per_device_batch} per device x {self.accumulation_steps} accumulation x "
+            f"{self.num_processes} process(es)); "
             f"{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch, {self.num_epochs} epoch(s)), "
             f"{self.warmup_steps} warmup; precision {self.mixed_precision}"
         )
@@ -121,6 +128,15 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP1, shard LoRA-aware (PEFT's policy): transformer layers (FSDP_TRANSFORMER_CLS_TO_WRAP, set by
+    `accelerate launch` from the config, else the model's `_no_split_modules`) and every leaf with trainable
+    weights become FSDP units, so frozen base weights and trained LoRA/head weights never share a flat parameter."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and plugin.fsdp_version == 1:
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if (out / "results.json").exists() and not cfg.overwrite_output_dir:
@@ -137,6 +153,9 @@ def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
     accelerator = make_accelerator(cfg)
     try:
+        # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
+        cfg = cfg.for_processes(accelerator.num_processes)
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         return _run(cfg, accelerator)
     finally:
         # Release the wrapped model, optimizer and loaders before the process group goes away: gloo runs
@@ -156,7 +175,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     with accelerator.main_process_first():
         splits = load_splits(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
-    loaders = make_dataloaders(tokenized, tokenizer, cfg)
+    loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
 
     # Model: base + LoRA within the parameter budget.
     model = apply_lora(load_base_model(cfg), cfg)
@@ -173,6 +192,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
     )
+    use_lora_wrap_policy(accelerator, model)
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
     )

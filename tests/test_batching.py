@@ -27,13 +27,13 @@ def test_tokenize_truncates_and_records_lengths(tokenized):
 
 def test_sampler_is_a_seeded_permutation_that_changes_each_epoch():
     lengths = [(i * 37) % 101 for i in range(1000)]
-    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    sampler = LengthGroupedSampler(lengths, global_batch=8, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(1000))
-    assert list(LengthGroupedSampler(lengths, batch_size=8, seed=3)) == first
+    assert list(LengthGroupedSampler(lengths, global_batch=8, seed=3)) == first
     sampler.set_epoch(1)
     assert list(sampler) != first and sorted(sampler) == list(range(1000))
-    assert list(LengthGroupedSampler(lengths, batch_size=8, seed=4)) != first
+    assert list(LengthGroupedSampler(lengths, global_batch=8, seed=4)) != first
 
 
 def test_grouping_by_length_cuts_padding():
