@@ -80,7 +80,16 @@ def make_dataloaders(
     for split in tokenized:
         if split == "train":
             continue
-        # Longest first: an out-of-memory error shows at once, and similar lengths share a batch.
-        ordered = tokenized[split].sort("length", reverse=True).select_columns(model_columns)
-        loaders[split] = DataLoader(ordered, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
+        loaders[split] = length_sorted_dataloader(tokenized[split], tokenizer, cfg.per_device_eval_batch_size)
     return loaders
+
+
+def length_sorted_dataloader(split: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> DataLoader:
+    """An evaluation loader over a tokenized split, longest rows first, no shuffle.
+
+    Longest first: an out-of-memory error shows at once, and similar lengths share a batch. The `labels` column
+    comes out in loader order, so callers that need the input order can carry row indices there.
+    """
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
+    ordered = split.sort("length", reverse=True).select_columns(["input_ids", "attention_mask", "labels"])
+    return DataLoader(ordered, batch_size=batch_size, collate_fn=collator)

@@ -25,8 +25,9 @@ from peft_agnews.batching import make_dataloaders, tokenize_splits
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import load_splits
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import evaluate
+from peft_agnews.evaluation import classification_report, evaluate, predict_logits
 from peft_agnews.export import save_adapter, write_json
+from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     GradientFlowError,
     apply_lora,
@@ -191,9 +192,12 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
         results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"]})
         logger.log({f"test/{k}": v for k, v in test.items()}, step=state.step)
+    # Every process scores its shard; the report (per-class scores, confusion matrix) feeds the card and plots.
+    validation = classification_report(*predict_logits(model, val_loader, accelerator), cfg.label_names)
     if accelerator.is_main_process:
         save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter")
-        write_json(out / "results.json", results)
+        write_run_report(out, cfg, results, validation)
+        write_json(out / "results.json", results)  # last: its presence marks a finished run
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
