@@ -190,7 +190,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     }
     if "test" in loaders:
         test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
-        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"]})
+        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
+                        "test_examples": test["num_examples"]})
         logger.log({f"test/{k}": v for k, v in test.items()}, step=state.step)
     # Every process scores its shard; the report (per-class scores, confusion matrix) feeds the card and plots.
     validation = classification_report(*predict_logits(model, val_loader, accelerator), cfg.label_names)
