@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -20,8 +21,8 @@ from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from safetensors import safe_open
-from transformers.utils import logging as hf_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
 from peft_agnews.config import TrainConfig
@@ -105,6 +106,9 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         label2id={name: i for i, name in enumerate(names)},
     )
     check_adapter_fits(base, adapter_dir, base_name, trained_on, len(names))
+    if trained_on and Path(trained_on).name != Path(base_name).name:
+        # Shapes fit, but a same-shaped base with other weights cannot be told apart: say what was assumed.
+        print(f"warning: adapter {adapter_dir} was trained on {trained_on}; loading it on {base_name}", file=sys.stderr)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except RuntimeError as err:  # a mismatch the shape check did not foresee: keep PEFT's first line only

@@ -142,9 +142,23 @@ def test_two_processes_write_every_row_once_in_input_order(trained_adapter_run, 
     assert proc.stdout.count("wrote 33 predictions") == 1  # only the main process writes
 
 
-def test_module_and_console_entry_points(tmp_path):
-    proc = run_cli([sys.executable, "-m", "peft_agnews.predict", "--help"], timeout=120)
+def test_console_command_dispatches_to_predict(capsys):
+    """`peft-agnews predict` (the console script runs peft_agnews.cli:main) reaches predict's parser and errors."""
+    from peft_agnews.cli import main as peft_agnews
+
+    proc = run_cli([sys.executable, "-m", "peft_agnews.cli", "predict", "--help"], timeout=120)
     assert proc.returncode == 0 and "--trust_pickle" in proc.stdout and "--input_file" in proc.stdout
-    proc = run_cli([sys.executable, "-m", "peft_agnews.cli", "predict", "--input_file", "x.txt"], timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give --adapter_dir")
+    assert peft_agnews(["predict", "--input_file", "x.txt"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: give --adapter_dir")
+    assert peft_agnews(["predikt"]) == 2 and "unknown command 'predikt'" in capsys.readouterr().err
     assert 'peft-agnews = "peft_agnews.cli:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_overriding_the_base_with_a_fitting_model_warns(trained_adapter_run, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    other = shutil.copytree(tiny_model_dir, tmp_path / "same-shapes-other-name")
+    (tmp_path / "in.txt").write_text("goal coach season\n")
+    assert cli(["--adapter_dir", str(trained_adapter_run / "adapter"), "--model_name_or_path", str(other),
+                "--input_file", str(tmp_path / "in.txt"), "--output_file", str(tmp_path / "pred.csv")]) == 0
+    assert f"was trained on {tiny_model_dir}; loading it on {other}" in capsys.readouterr().err
