@@ -86,6 +86,8 @@ def test_merged_model_is_scored_like_the_adapter(trained_adapter_run, odd_test_c
     a = main(["--adapter_dir", str(trained_adapter_run / "adapter"), "--output_file", str(tmp_path / "a.json"), *common])
     m = main(["--model_name_or_path", str(merged), "--output_file", str(tmp_path / "m.json"), *common])
     assert m["confusion_matrix"] == a["confusion_matrix"] and m["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    wrong = ["--model_name_or_path", str(merged), "--output_file", str(tmp_path / "x.json"), *common]
+    assert cli([*wrong, "--label_names", "a", "b"]) == 2 and not (tmp_path / "x.json").exists()
 
 
 def test_labels_outside_the_models_classes_are_refused(trained_adapter_run, tmp_path, capsys):
