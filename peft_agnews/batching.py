@@ -93,6 +93,16 @@ def make_dataloaders(
     for split in tokenized:
         if split == "train":
             continue
-        ordered = tokenized[split].select(eval_order(tokenized[split])).select_columns(model_columns)
-        loaders[split] = DataLoader(ordered, batch_size=cfg.per_device_eval_batch_size, collate_fn=collator)
+        loaders[split] = length_sorted_dataloader(tokenized[split], tokenizer, cfg.per_device_eval_batch_size)
     return loaders
+
+
+def length_sorted_dataloader(split: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> DataLoader:
+    """An evaluation loader over a tokenized split, longest rows first, no shuffle.
+
+    Rows come in `eval_order` (longest first). The `labels` column comes out in loader order, so callers that
+    need the input order can carry row indices there.
+    """
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
+    ordered = split.select(eval_order(split)).select_columns(["input_ids", "attention_mask", "labels"])
+    return DataLoader(ordered, batch_size=batch_size, collate_fn=collator)

@@ -80,6 +80,12 @@ def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
     return _validate(_labels_to_ids(raw, path, label_names), path, label_names)
 
 
+def canonical_text(title: str | None, description: str | None) -> str:
+    """The model input for a canonical AG News row: title + " " + description."""
+    # A literal backslash-n in the canonical files stands for a newline.
+    return f"{title or ''} {description or ''}".replace("\\n", "\n").strip()
+
+
 def _from_canonical(raw: Dataset, path: Path, num_labels: int) -> Dataset:
     def convert(batch: dict) -> dict:
         labels = []
@@ -90,11 +96,7 @@ def _from_canonical(raw: Dataset, path: Path, num_labels: int) -> Dataset:
                     f"{path}: class '{value}' is outside 1..{num_labels} (canonical AG News classes are 1-based)"
                 )
             labels.append(int(value) - 1)
-        # A literal backslash-n in the canonical files stands for a newline.
-        texts = [
-            f"{title or ''} {desc or ''}".replace("\\n", "\n").strip()
-            for title, desc in zip(batch["title"], batch["description"])
-        ]
+        texts = [canonical_text(title, desc) for title, desc in zip(batch["title"], batch["description"])]
         return {"text": texts, "label": labels}
 
     return raw.map(convert, batched=True, remove_columns=raw.column_names, desc="canonical AG News")

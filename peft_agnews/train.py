@@ -26,8 +26,15 @@ from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import load_splits
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import classification_metrics, evaluate, predict_logits, worst_misclassified
+from peft_agnews.evaluation import (
+    classification_metrics,
+    classification_report,
+    evaluate,
+    predict_logits,
+    worst_misclassified,
+)
 from peft_agnews.export import save_adapter, write_json
+from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     GradientFlowError,
     apply_lora,
@@ -221,20 +228,23 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     }
     if "test" in loaders:
         test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
-        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"]})
+        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
+                        "test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)
-    if accelerator.is_main_process and state.best_predictions is not None:
-        validation = splits["validation"].select(eval_order(tokenized["validation"]))
+    # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
+    validation = classification_report(*state.best_predictions, cfg.label_names)
+    if accelerator.is_main_process:
+        ordered = splits["validation"].select(eval_order(tokenized["validation"]))
         rows = worst_misclassified(
-            *state.best_predictions, list(validation["text"]), list(validation["label"]), cfg.label_names,
-            MISCLASSIFIED_ROWS,
+            *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
     if accelerator.is_main_process:
         save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter")
-        write_json(out / "results.json", results)
+        write_run_report(out, cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
+        write_json(out / "results.json", results)  # last: its presence marks a finished run
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results

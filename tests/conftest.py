@@ -156,10 +156,42 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
     )
 
 
-def accelerate_launch(config_file: str, script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config_file> peft_agnews/train.py ...`."""
+def accelerate_launch(
+    config_file: str, script_args: list[str], timeout: int = 600, script: str = "peft_agnews/train.py"
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/<config_file> <script> ...` (training by default)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     return run_cli(
-        [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), "peft_agnews/train.py", *script_args],
+        [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), script, *script_args],
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_adapter_run(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> Path:
+    """A finished 8-step training run on the tiny model (adapter, metrics, card, plots), shared by the
+    evaluate/predict/export/plot tests, which must not modify it."""
+    from peft_agnews.train import cli
+
+    out = tmp_path_factory.mktemp("adapter-run")
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, max_train_steps=8, eval_steps=4)) == 0
+    return out
+
+
+def direct_logits(model, tokenizer, texts: list[str], max_length: int = 128):
+    """Logits of `model` called on one text at a time (no padding, no batching): the reference for inference code."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        rows = [model(**tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")).logits[0] for t in texts]
+    return torch.stack(rows)
+
+
+def load_adapter_directly(adapter_dir: Path, base_dir: Path, num_labels: int = 4):
+    """The adapter on its base the plain PEFT way (what the README tells users), with its tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), AutoTokenizer.from_pretrained(adapter_dir)

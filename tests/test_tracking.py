@@ -156,7 +156,8 @@ def test_every_scalar_in_wandb_history_is_in_metrics_jsonl_on_the_optimizer_step
     events = [json.loads(line) for line in (tracked_run["out"] / "metrics.jsonl").read_text().splitlines()]
     local: dict[int, dict] = {}
     for event in events:
-        local.setdefault(event["step"], {}).update({k: v for k, v in event.items() if k != "step"})
+        # "time" is the wall clock of the event, which W&B keeps as its own `_timestamp`.
+        local.setdefault(event["step"], {}).update({k: v for k, v in event.items() if k not in ("step", "time")})
     remote: dict[int, dict] = {}
     for row in history:
         scalars = {k: v for k, v in row.items() if not k.startswith("_") and not isinstance(v, dict)}
@@ -165,7 +166,7 @@ def test_every_scalar_in_wandb_history_is_in_metrics_jsonl_on_the_optimizer_step
     assert sorted(local) == [2, 4, 6, 8, 10, 12]
     train_keys = {"train/loss", "train/lr", "train/epoch", "train/grad_norm", "train/samples_per_second",
                   "train/tokens_per_second"}
-    eval_keys = {"eval/loss", "eval/accuracy", "eval/f1_macro", *PER_CLASS}
+    eval_keys = {"eval/loss", "eval/accuracy", "eval/f1_macro", "eval/samples_per_second", *PER_CLASS}
     test_keys = {"test/loss", "test/accuracy", "test/f1_macro", *(k.replace("eval/", "test/") for k in PER_CLASS)}
     assert set(local[2]) == train_keys
     assert set(local[6]) == train_keys | eval_keys

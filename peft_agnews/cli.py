@@ -1,0 +1,58 @@
+"""The `peft-agnews` command: one entry point with a subcommand per job.
+
+    peft-agnews train|evaluate|predict|export|plot [--option value ...]
+
+Each subcommand is also a module runnable on its own (`python -m peft_agnews.<module>`, `accelerate launch
+peft_agnews/<module>.py`); this file only dispatches, and turns bad input into one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from transformers import HfArgumentParser
+
+from peft_agnews.errors import UsageError
+
+COMMANDS = {
+    "train": ("peft_agnews.train", "fine-tune with LoRA (see `peft-agnews train --help`)"),
+    "evaluate": ("peft_agnews.evaluate", "score a trained classifier on a labelled file"),
+    "predict": ("peft_agnews.predict", "classify an unlabelled file into an ID,Label CSV"),
+    "export": ("peft_agnews.export_model", "write a merged standalone model (or a copy of the adapter)"),
+    "plot": ("peft_agnews.plots", "draw loss/accuracy curves and confusion matrices of a run"),
+}
+
+
+def parse_args(dataclass_types: tuple, argv: Sequence[str] | None, description: str) -> tuple:
+    """Parse argv into the given option dataclasses (each option declared once, in its dataclass)."""
+    parser = HfArgumentParser(dataclass_types, description=description)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def run_entry(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a command's `main`, printing a UsageError as one `error:` line with exit status 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: peft-agnews {" + ",".join(COMMANDS) + "} [options]\n" + "\n".join(
+            f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()
+        )
+        known = not argv or argv[0] in ("-h", "--help")
+        print(usage if known else f"error: unknown command '{argv[0]}'\n{usage}", file=sys.stdout if known else sys.stderr)
+        return 0 if known else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.cli(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

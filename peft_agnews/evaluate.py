@@ -1,0 +1,88 @@
+"""Score a trained classifier (adapter or merged model) on a labelled file: metrics as JSON, a table, a PNG.
+
+    accelerate launch peft_agnews/evaluate.py --adapter_dir outputs/agnews-lora/adapter --test_file test.csv
+    python -m peft_agnews.evaluate ...        peft-agnews evaluate ...
+
+Runs on any number of processes; every example is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from peft_agnews.cli import parse_args, run_entry
+from peft_agnews.data import read_labelled_file
+from peft_agnews.errors import UsageError
+from peft_agnews.evaluation import classification_report
+from peft_agnews.export import write_json
+from peft_agnews.inference import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+from peft_agnews.plots import plot_confusion_matrix
+
+
+@dataclass
+class EvaluateArgs:
+    test_file: str | None = option(None, "Labelled file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
+    output_file: str | None = option(
+        None, "Metrics JSON (default: eval_<test file name>.json next to the adapter or model folder)."
+    )
+    plot: bool = option(True, "Also draw the confusion matrix as a PNG next to the JSON.")
+    overwrite: bool = option(False, "Replace an existing output file.")
+
+    def __post_init__(self) -> None:
+        if not self.test_file:
+            raise UsageError("give the labelled file to score with --test_file")
+
+
+def default_output(model_args: ModelArgs, test_file: str) -> Path:
+    """eval_<stem>.json in the run folder (the adapter's parent), beside a local merged model, or here."""
+    source = Path(model_args.adapter_dir or model_args.model_name_or_path)
+    folder = source.parent if source.is_dir() else Path(".")
+    return folder / f"eval_{Path(test_file).stem}.json"
+
+
+def format_report(report: dict) -> str:
+    """Per-class precision/recall/F1/support, the overall scores and the confusion matrix as plain text."""
+    per_class = pd.DataFrame(report["per_class"]).T[["precision", "recall", "f1", "support"]]
+    per_class["support"] = per_class["support"].astype(int)
+    names = report["label_names"]
+    confusion = pd.DataFrame(report["confusion_matrix"], index=[f"true {n}" for n in names], columns=names)
+    return (
+        f"{per_class.to_string(float_format=lambda v: f'{v:.4f}')}\n\n"
+        f"accuracy {report['accuracy']:.4f}   macro-F1 {report['f1_macro']:.4f}   loss {report['loss']:.4f}   "
+        f"examples {report['num_examples']}\n\nconfusion matrix (rows: true class, columns: predicted)\n"
+        f"{confusion.to_string()}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    model_args, args = parse_args((ModelArgs, EvaluateArgs), argv, description=__doc__.splitlines()[0])
+    output = Path(args.output_file) if args.output_file else default_output(model_args, args.test_file)
+    check_output_path(output, args.overwrite)
+    classifier = load_classifier(model_args)
+    with inference_accelerator() as accelerator:
+        with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+            data = read_labelled_file(args.test_file, classifier.label_names)
+        logits, labels = score_texts(classifier, data["text"], data["label"], accelerator, model_args)
+        report = classification_report(logits, labels, classifier.label_names)
+        report.update(test_file=str(args.test_file), model=classifier.base_model, adapter_dir=model_args.adapter_dir)
+        if accelerator.is_main_process:
+            write_json(output, report)
+            if args.plot:
+                plot_confusion_matrix(report, output.with_suffix(".png"), title=f"{Path(args.test_file).name}")
+            print(format_report(report))
+            print(f"\nmetrics written to {output}")
+        accelerator.wait_for_everyone()
+    return report
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_entry(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,228 @@
+"""Load a trained classifier for inference (an adapter on its base, or a merged model) and score text with it.
+
+Shared by evaluate, predict and export: the model options are declared once here (`ModelArgs`), every mismatch
+between an adapter and the model it is loaded on becomes one UsageError, and scoring runs on any number of
+processes with each row counted once.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset, DatasetDict
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
+from peft_agnews.config import TrainConfig
+from peft_agnews.errors import UsageError
+from peft_agnews.evaluation import predict_logits
+from peft_agnews.export import LABELS_FILE, read_label_names
+from peft_agnews.model import _first_line
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_RECIPE = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def option(default, help: str):
+    """A dataclass field whose help text HfArgumentParser shows in --help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArgs:
+    """Which trained classifier to load (shared by evaluate, predict and export)."""
+
+    adapter_dir: str | None = option(None, "Adapter folder written by training (<output_dir>/adapter).")
+    model_name_or_path: str | None = option(
+        None, "Base model for --adapter_dir (default: the one named in its adapter_config.json), or a merged model alone."
+    )
+    label_names: list[str] | None = option(None, "Class names in id order (default: labels.json or the model config).")
+    per_device_eval_batch_size: int = option(_RECIPE["per_device_eval_batch_size"], "Rows per batch per process.")
+    max_length: int = option(_RECIPE["max_length"], "Truncate inputs to this many tokens (use the training value).")
+
+    def __post_init__(self) -> None:
+        if not self.adapter_dir and not self.model_name_or_path:
+            raise UsageError("give --adapter_dir (a trained adapter) or --model_name_or_path (a merged model)")
+        if self.per_device_eval_batch_size < 1 or self.max_length < 8:
+            raise UsageError("--per_device_eval_batch_size must be >= 1 and --max_length >= 8")
+
+
+@dataclass
+class Classifier:
+    """A model in eval mode with its tokenizer and class names."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    label_names: list[str]
+    base_model: str
+    adapter_dir: Path | None = None
+
+
+def load_classifier(args: ModelArgs) -> Classifier:
+    """The adapter on its base (checked to fit) or a merged model, with tokenizer and label names."""
+    if args.adapter_dir:
+        return _load_adapter(Path(args.adapter_dir), args)
+    model = _from_pretrained(args.model_name_or_path, "--model_name_or_path")
+    names = args.label_names or [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if len(names) != model.config.num_labels:
+        raise UsageError(
+            f"{len(names)} label names given but {args.model_name_or_path} has {model.config.num_labels} outputs; "
+            "pass one name per class to --label_names"
+        )
+    tokenizer = _tokenizer(args.model_name_or_path)
+    return Classifier(model.eval(), tokenizer, list(names), base_model=args.model_name_or_path)
+
+
+def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
+    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(
+            f"{adapter_dir} is not an adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}); "
+            "pass the adapter/ folder written by training, or a merged model with --model_name_or_path"
+        )
+    trained_on = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base_name = args.model_name_or_path or trained_on
+    if not base_name:
+        raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass it with --model_name_or_path")
+    names = args.label_names or _saved_label_names(adapter_dir)
+    base = _from_pretrained(
+        base_name,
+        "--model_name_or_path" if args.model_name_or_path else f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+    check_adapter_fits(base, adapter_dir, base_name, trained_on, len(names))
+    if trained_on and Path(trained_on).name != Path(base_name).name:
+        # Shapes fit, but a same-shaped base with other weights cannot be told apart: say what was assumed.
+        print(f"warning: adapter {adapter_dir} was trained on {trained_on}; loading it on {base_name}", file=sys.stderr)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except RuntimeError as err:  # a mismatch the shape check did not foresee: keep PEFT's first line only
+        raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {_first_line(err)}") from None
+    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name, adapter_dir=adapter_dir)
+
+
+def _saved_label_names(adapter_dir: Path) -> list[str]:
+    if not (adapter_dir / LABELS_FILE).is_file():
+        raise UsageError(f"{adapter_dir} has no {LABELS_FILE}; pass the class names with --label_names")
+    return read_label_names(adapter_dir)
+
+
+def check_adapter_fits(
+    base: PreTrainedModel, adapter_dir: Path, base_name: str, trained_on: str | None, num_labels: int
+) -> None:
+    """Raise a UsageError unless every saved adapter tensor has a place of the right shape in `base`.
+
+    PEFT would otherwise fail with a KeyError or a page of size mismatches (another architecture), or, for a
+    label-count mismatch, a size-mismatch error on the classifier head.
+    """
+    params = dict(base.named_parameters())
+    modules = dict(base.named_modules())
+    problems, head_rows = [], None
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
+        for key in weights.keys():
+            shape = list(weights.get_slice(key).get_shape())
+            name = key.removeprefix(PEFT_PREFIX)
+            if ".lora_A." in name or ".lora_B." in name:
+                module = modules.get(name.split(".lora_")[0])
+                if not isinstance(module, torch.nn.Linear):
+                    problems.append(f"the base has no Linear layer {name.split('.lora_')[0]}")
+                elif ".lora_A." in name and shape[1] != module.in_features:
+                    problems.append(f"{name} expects {shape[1]} inputs, the base layer has {module.in_features}")
+                elif ".lora_B." in name and shape[0] != module.out_features:
+                    problems.append(f"{name} gives {shape[0]} outputs, the base layer has {module.out_features}")
+                continue
+            target = params.get(name.replace(".base_layer.", "."))
+            if target is None:
+                problems.append(f"the base has no parameter {name}")
+            elif list(target.shape) != shape:
+                if target.shape[0] == num_labels and shape[0] != num_labels and target.shape[1:] == tuple(shape[1:]):
+                    head_rows = shape[0]
+                problems.append(f"{name} has shape {shape}, the base has {list(target.shape)}")
+    if head_rows is not None:
+        raise UsageError(
+            f"label count mismatch: the adapter's classifier head has {head_rows} outputs but {num_labels} label "
+            f"names were given ({adapter_dir / LABELS_FILE} or --label_names); use the adapter's own label names"
+        )
+    if problems:
+        origin = f"; it was trained on {trained_on}" if trained_on and trained_on != base_name else ""
+        raise UsageError(
+            f"adapter {adapter_dir} does not fit base model {base_name}{origin}: {problems[0]} "
+            f"({len(problems)} mismatched tensors); pass the adapter's base model with --model_name_or_path"
+        )
+
+
+def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
+    verbosity = hf_logging.get_verbosity()
+    if kwargs:  # a base for an adapter: its load report would list the head as missing, which the adapter supplies
+        hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load model '{name}' ({_first_line(err)}); check {flag}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load a tokenizer from '{name}' ({_first_line(err)})") from None
+
+
+@contextmanager
+def inference_accelerator() -> Iterator[Accelerator]:
+    """An Accelerator for scoring; torn down cleanly so gloo process groups never abort at exit."""
+    # As in training: several ranks launched on a machine without an accelerator join one gloo group on CPU.
+    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(cpu=distributed_on_cpu)
+    try:
+        yield accelerator
+    finally:
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.end_training()
+
+
+def score_texts(
+    classifier: Classifier, texts: list[str], labels: list[int] | None, accelerator: Accelerator, args: ModelArgs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for `texts` in input order, computed on all processes in length-sorted batches.
+
+    Without labels, the row index is carried in the label slot; either way the rows are put back in input order.
+    """
+    rows = list(range(len(texts)))
+    data = Dataset.from_dict({"text": texts, "label": rows})
+    tokenized = tokenize_splits(DatasetDict({"data": data}), classifier.tokenizer, args.max_length)["data"]
+    loader = length_sorted_dataloader(tokenized, classifier.tokenizer, args.per_device_eval_batch_size)
+    # Only the loader is prepared (sharded across processes): a frozen model needs no DDP wrapper, just a device.
+    logits, row_ids = predict_logits(classifier.model.to(accelerator.device), accelerator.prepare(loader), accelerator)
+    order = torch.argsort(row_ids)
+    if not torch.equal(row_ids[order], torch.arange(len(texts))):
+        raise RuntimeError(f"gathered {len(row_ids)} rows for {len(texts)} inputs: each row must come back once")
+    restored = torch.tensor(labels) if labels is not None else torch.tensor(rows)
+    return logits[order], restored
+
+
+def check_output_path(path: Path, overwrite: bool, folder: bool = False) -> None:
+    """Refuse to replace an existing output unless asked; outputs are then written via a temp path + rename."""
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{path} exists and is not a {'folder' if folder else 'file'}; choose another path")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} already exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,156 @@
+"""Model cards (README.md) for a trained adapter and a merged export, and the end-of-training report.
+
+The card says what the model is (base, classes), how it was made (recipe, trainable parameters, data), how well it
+does and on which split, what it is for, and how to load it. The YAML header is the Hub's model-card metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import ModelCardData
+
+from peft_agnews.config import TrainConfig
+from peft_agnews.export import write_json
+from peft_agnews.plots import write_run_plots
+
+CARD_FILE = "README.md"
+VALIDATION_REPORT = "eval_validation.json"
+
+
+def _header(base_model: str, library: str, label_names: list[str]) -> str:
+    data = ModelCardData(
+        base_model=base_model,
+        library_name=library,
+        pipeline_tag="text-classification",
+        tags=["text-classification", "lora", "peft-agnews"],
+        metrics=["accuracy", "f1"],
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _metrics_table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| split | examples | accuracy | macro-F1 | loss |", "|---|---|---|---|---|"]
+    for split, m in rows:
+        lines.append(f"| {split} | {m['num_examples']} | {m['accuracy']:.4f} | {m['f1_macro']:.4f} | {m['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def _per_class_table(report: dict) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, s in report["per_class"].items():
+        lines.append(f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
+    return "\n".join(lines)
+
+
+def _intended_use(label_names: list[str], max_length: int) -> str:
+    return (
+        "## Intended use and limitations\n\n"
+        f"Topic classification of short English news text (headline + description) into {len(label_names)} "
+        f"classes: {', '.join(label_names)}. Every input gets one of these classes, also text that fits none; "
+        f"inputs are truncated to {max_length} tokens. Accuracy is measured on the splits above only; expect lower "
+        "scores on other sources, periods or styles of text. Not for decisions about people."
+    )
+
+
+def adapter_card(cfg: TrainConfig, results: dict, validation: dict) -> str:
+    """The README.md written into <output_dir>/adapter at the end of training."""
+    names = cfg.label_names
+    trainable, total = results["trainable_params"], results["total_params"]
+    data = f"`{cfg.train_file}`" if cfg.train_file else f"the Hub dataset `{cfg.dataset_name}` (train split)"
+    held_out = f"`{cfg.validation_file}`" if cfg.validation_file else (
+        f"a stratified {cfg.validation_split:.0%} split of the training data (seed {cfg.seed})"
+    )
+    rows = [(f"validation (best step {results['best_step']} of {results['global_step']})", validation)]
+    if "test_accuracy" in results:
+        test = {key: results[f"test_{key}"] for key in ("accuracy", "f1_macro", "loss")}
+        rows.append((f"test (`{cfg.test_file}`)", {**test, "num_examples": results["test_examples"]}))
+    effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * results["num_processes"]
+    return f"""{_header(cfg.model_name_or_path, "peft", names)}
+# LoRA text classifier on {cfg.model_name_or_path}
+
+A LoRA adapter (with its classification head) for `{cfg.model_name_or_path}` that sorts text into
+{len(names)} classes: {", ".join(f"{i} = {n}" for i, n in enumerate(names))}. Made with peft-agnews.
+
+## Results
+
+{_metrics_table(rows)}
+
+Per class on the validation split (the adapter saved is the one with the best validation accuracy):
+
+{_per_class_table(validation)}
+
+## Training recipe
+
+- Base model: `{cfg.model_name_or_path}`; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout},
+  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; classifier head trained.
+- Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).
+- AdamW, learning rate {cfg.learning_rate}, weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm};
+  {cfg.lr_scheduler_type} schedule with {cfg.warmup_ratio:.0%} warmup.
+- Batch {cfg.per_device_train_batch_size} per process x {cfg.gradient_accumulation_steps} accumulation x
+  {results["num_processes"]} process(es) = {effective}; {results["global_step"]} optimizer steps;
+  precision `{results["mixed_precision"]}`; max length {cfg.max_length} tokens; seed {cfg.seed}.
+
+## Data
+
+- Training: {data}.
+- Validation: {held_out}.{f"{chr(10)}- Test: `{cfg.test_file}`." if cfg.test_file else ""}
+
+{_intended_use(names, cfg.max_length)}
+
+## How to use
+
+```bash
+peft-agnews predict --adapter_dir <this folder> --input_file texts.csv --output_file predictions.csv
+peft-agnews evaluate --adapter_dir <this folder> --test_file labelled.csv
+peft-agnews export --adapter_dir <this folder> --merge --output_dir merged   # standalone model
+```
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+labels = {names!r}
+base = AutoModelForSequenceClassification.from_pretrained(
+    "{cfg.model_name_or_path}", num_labels={len(names)}, id2label=dict(enumerate(labels)))
+model = PeftModel.from_pretrained(base, "<this folder>").eval()
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+```
+"""
+
+
+def merged_card(base_model: str, adapter_dir: Path, label_names: list[str], max_length: int) -> str:
+    """The README.md of a merged export (LoRA folded into the base weights)."""
+    source = adapter_dir / CARD_FILE
+    origin = f"Training details and scores: see the adapter's card (`{source}`)." if source.is_file() else ""
+    return f"""{_header(base_model, "transformers", label_names)}
+# Merged LoRA text classifier on {base_model}
+
+`{base_model}` with the LoRA adapter `{adapter_dir}` merged into its weights (`merge_and_unload`): a plain
+Transformers model, no PEFT needed. Classes: {", ".join(f"{i} = {n}" for i, n in enumerate(label_names))}.
+{origin}
+
+{_intended_use(label_names, max_length)}
+
+## How to use
+
+```python
+from transformers import pipeline
+classify = pipeline("text-classification", model="<this folder>")
+classify("Stocks rallied after the earnings report")  # [{{'label': '...', 'score': ...}}]
+```
+"""
+
+
+def write_card(folder: Path, text: str) -> None:
+    """Write README.md via a temporary file and a rename."""
+    tmp = folder / (CARD_FILE + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, folder / CARD_FILE)
+
+
+def write_run_report(out: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:
+    """End of training (main process): the validation report, the plots, and the adapter's model card."""
+    write_json(out / VALIDATION_REPORT, validation)
+    write_run_plots(out)
+    write_card(out / "adapter", adapter_card(cfg, results, validation))

@@ -1,0 +1,153 @@
+"""Classify an unlabelled file and write a submission CSV `ID,Label` (+ label names and probabilities on request).
+
+    accelerate launch peft_agnews/predict.py --adapter_dir outputs/agnews-lora/adapter \\
+        --input_file test.parquet --output_file submission.csv
+    python -m peft_agnews.predict ...        peft-agnews predict ...
+
+Input: CSV, JSON Lines, Parquet (a text column, or AG News title + description), plain text (one item per line),
+or a pandas pickle with --trust_pickle. Rows are scored longest first for speed and written in input order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from peft_agnews.cli import parse_args, run_entry
+from peft_agnews.data import CANONICAL_COLUMNS, _is_canonical_agnews, canonical_text
+from peft_agnews.errors import UsageError
+from peft_agnews.inference import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+SUPPORTED = (".csv", ".jsonl", ".json", ".parquet", ".txt", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class PredictArgs:
+    input_file: str | None = option(None, f"Unlabelled rows: {', '.join(SUPPORTED)}.")
+    output_file: str | None = option(None, "CSV to write: ID,Label (+ label_name, prob_<class> columns on request).")
+    text_column: str = option("text", "Column holding the text (else title + description are joined, as in training).")
+    id_column: str = option("ID", "Column copied to the output's ID (default: the row index when absent).")
+    with_label_names: bool = option(False, "Add a label_name column.")
+    with_probabilities: bool = option(False, "Add one prob_<class> column per class (softmax).")
+    trust_pickle: bool = option(False, "Allow reading a pandas pickle: unpickling runs code from the file.")
+    overwrite: bool = option(False, "Replace an existing output file.")
+
+    def __post_init__(self) -> None:
+        if not self.input_file or not self.output_file:
+            raise UsageError("give --input_file (rows to classify) and --output_file (the CSV to write)")
+
+
+def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
+    """(ids, texts) of the input file, validated: it has rows, a text column and no empty text."""
+    path = Path(args.input_file)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise UsageError(f"input file not found: {path} (check --input_file)")
+    if suffix not in SUPPORTED:
+        raise UsageError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
+    if suffix in PICKLE_SUFFIXES and not args.trust_pickle:
+        raise UsageError(
+            f"{path} is a pickle: loading it runs arbitrary code from the file. Convert it to Parquet/CSV, or pass "
+            "--trust_pickle if you trust its source"
+        )
+    frame = _read_frame(path, suffix, args.text_column)
+    if len(frame) == 0:
+        raise UsageError(f"{path}: the file has no rows; give a file with text to classify")
+    texts = _texts(frame, path, args.text_column)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"{path}: row {row + 1} has empty or missing text; remove or fill that row")
+    ids = frame[args.id_column].tolist() if args.id_column in frame.columns else list(range(len(frame)))
+    return ids, texts
+
+
+def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
+    try:
+        if suffix == ".txt":
+            return pd.DataFrame({text_column: path.read_text(encoding="utf-8").splitlines()})
+        if suffix == ".csv":
+            with path.open(encoding="utf-8") as handle:
+                first = handle.readline()
+            if _is_canonical_agnews(first):  # labelled canonical file: the class column is ignored
+                return pd.read_csv(path, header=None, names=CANONICAL_COLUMNS, dtype=str, keep_default_na=False)
+            text_columns = {column: str for column in (text_column, "title", "description")}
+            return pd.read_csv(path, keep_default_na=False, dtype=text_columns)
+        if suffix in (".jsonl", ".json"):
+            try:
+                return pd.read_json(path, lines=True, dtype=False)
+            except ValueError:
+                return pd.read_json(path, dtype=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        loaded = pd.read_pickle(path)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err.reason}); re-encode it as UTF-8") from None
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path}: could not be parsed ({detail}); check the file's format") from None
+    if isinstance(loaded, pd.Series):
+        return loaded.to_frame(text_column)
+    if not isinstance(loaded, pd.DataFrame):
+        raise UsageError(f"{path}: the pickle holds a {type(loaded).__name__}, not a pandas DataFrame or Series")
+    return loaded
+
+
+def _texts(frame: pd.DataFrame, path: Path, text_column: str) -> list[str]:
+    if text_column in frame.columns:
+        return frame[text_column].tolist()
+    if {"title", "description"} <= set(frame.columns):
+        return [canonical_text(t, d) for t, d in zip(frame["title"], frame["description"])]
+    raise UsageError(
+        f"{path}: no '{text_column}' column (found {list(frame.columns)}); name the text column with --text_column "
+        "or provide title and description columns"
+    )
+
+
+def predictions_frame(ids: list, logits, label_names: list[str], args: PredictArgs) -> pd.DataFrame:
+    """The output table, one row per input row, in input order."""
+    preds = logits.argmax(dim=-1).tolist()
+    out = pd.DataFrame({"ID": ids, "Label": preds})
+    if args.with_label_names:
+        out["label_name"] = [label_names[p] for p in preds]
+    if args.with_probabilities:
+        probs = logits.softmax(dim=-1).numpy()
+        for i, name in enumerate(label_names):
+            out[f"prob_{name}"] = probs[:, i]
+    return out
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write via a temporary file and a rename: the CSV appears complete or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    model_args, args = parse_args((ModelArgs, PredictArgs), argv, description=__doc__.splitlines()[0])
+    output = Path(args.output_file)
+    check_output_path(output, args.overwrite)
+    ids, texts = read_unlabelled(args)
+    classifier = load_classifier(model_args)
+    with inference_accelerator() as accelerator:
+        logits, _ = score_texts(classifier, texts, None, accelerator, model_args)
+        frame = predictions_frame(ids, logits, classifier.label_names, args)
+        if accelerator.is_main_process:
+            write_csv(frame, output)
+            print(f"wrote {len(frame)} predictions to {output}")
+        accelerator.wait_for_everyone()
+    return frame
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_entry(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,111 @@
+"""export: a merged model equal to the adapter (logits within 1e-5), loadable by Transformers and its pipeline with
+label names; the adapter copy; the model card written by training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from conftest import LABELS, direct_logits, load_adapter_directly, synthetic_rows
+from peft_agnews.export_model import cli, main
+
+TEXTS = [f"{t} {d}" for _, t, d in synthetic_rows(12, seed=11)]
+
+
+@pytest.fixture(scope="module")
+def merged_dir(trained_adapter_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "merged"
+    return main(["--adapter_dir", str(trained_adapter_run / "adapter"), "--merge", "--output_dir", str(out)])
+
+
+def test_merged_model_gives_the_adapters_logits(trained_adapter_run, tiny_model_dir, merged_dir):
+    adapter_model, tokenizer = load_adapter_directly(trained_adapter_run / "adapter", tiny_model_dir)
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    assert type(merged).__name__ == "RobertaForSequenceClassification"  # plain Transformers, no PEFT wrapper
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    reference = direct_logits(adapter_model, tokenizer, TEXTS)
+    logits = direct_logits(merged, AutoTokenizer.from_pretrained(merged_dir), TEXTS)
+    assert torch.allclose(logits, reference, atol=1e-5), (logits - reference).abs().max()
+    # The comparison is not vacuous: the LoRA update changed the base weights.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4).state_dict()
+    key = "roberta.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(merged.state_dict()[key], base[key])
+
+
+def test_merged_folder_is_safetensors_with_label_names_and_a_card(merged_dir):
+    names = {p.name for p in merged_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
+    assert not any(n.endswith(".bin") or n.startswith("adapter_") for n in names)
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(LABELS)}
+    assert config["label2id"] == {n: i for i, n in enumerate(LABELS)}
+    card = (merged_dir / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-classification"
+    assert 'pipeline("text-classification"' in card
+
+
+def test_pipeline_returns_label_names(merged_dir, trained_adapter_run, tiny_model_dir):
+    classify = pipeline("text-classification", model=str(merged_dir), device="cpu")
+    results = classify(TEXTS)
+    assert {r["label"] for r in results} <= set(LABELS)
+    adapter_model, tokenizer = load_adapter_directly(trained_adapter_run / "adapter", tiny_model_dir)
+    expected = direct_logits(adapter_model, tokenizer, TEXTS).softmax(-1)
+    assert [r["label"] for r in results] == [LABELS[i] for i in expected.argmax(-1)]
+    assert [r["score"] for r in results] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
+
+
+def test_adapter_copy_keeps_weights_labels_and_card(trained_adapter_run, tmp_path):
+    out = main(["--adapter_dir", str(trained_adapter_run / "adapter"), "--output_dir", str(tmp_path / "copy")])
+    source = trained_adapter_run / "adapter"
+    for name in ("adapter_model.safetensors", "labels.json", "README.md"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def test_existing_output_dir_is_refused_and_offline_push_is_refused(trained_adapter_run, merged_dir, tmp_path, capsys):
+    before = sorted(p.name for p in merged_dir.iterdir())
+    adapter = str(trained_adapter_run / "adapter")
+    assert cli(["--adapter_dir", adapter, "--merge", "--output_dir", str(merged_dir)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in merged_dir.iterdir()) == before
+    push = ["--adapter_dir", adapter, "--output_dir", str(tmp_path / "p"), "--push_to_hub"]
+    assert cli(push) == 2 and "--hub_model_id" in capsys.readouterr().err
+    assert cli([*push, "--hub_model_id", "me/model"]) == 2  # tests run with HF_HUB_OFFLINE=1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_training_writes_a_model_card(trained_adapter_run):
+    card = (trained_adapter_run / "adapter" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    results = json.loads((trained_adapter_run / "results.json").read_text())
+    validation = json.loads((trained_adapter_run / "eval_validation.json").read_text())
+    assert header["library_name"] == "peft" and header["base_model"].endswith("tiny-roberta0")
+    assert f"Trainable parameters: {results['trainable_params']:,} of {results['total_params']:,}" in card
+    assert "LoRA r=8, alpha=16" in card and "`query`" in card and "`value`" in card
+    assert f"validation (best step {results['best_step']} of 8)" in card
+    assert f"| {validation['num_examples']} | {results['best_eval_accuracy']:.4f} |" in card
+    assert "train.csv" in card  # the data it was trained on
+    for section in ("## Results", "## Training recipe", "## Data", "## Intended use and limitations", "## How to use"):
+        assert section in card
+    assert validation["accuracy"] == pytest.approx(results["best_eval_accuracy"])  # the card's numbers are the run's
+
+
+def test_card_reports_each_split_it_was_measured_on():
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model_card import adapter_card
+
+    cfg = TrainConfig(model_name_or_path="roberta-base", train_file="train.csv", test_file="test.csv")
+    results = {"trainable_params": 907_012, "total_params": 125_555_720, "best_step": 400, "global_step": 600,
+               "num_processes": 2, "mixed_precision": "fp16", "test_accuracy": 0.9, "test_f1_macro": 0.89,
+               "test_loss": 0.3, "test_examples": 7600}
+    validation = {"accuracy": 0.91, "f1_macro": 0.905, "loss": 0.28, "num_examples": 1043,
+                  "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 260} for n in LABELS}}
+    card = adapter_card(cfg, results, validation)
+    assert "| validation (best step 400 of 600) | 1043 | 0.9100 | 0.9050 | 0.2800 |" in card
+    assert "| test (`test.csv`) | 7600 | 0.9000 | 0.8900 | 0.3000 |" in card
+    assert "Trainable parameters: 907,012 of 125,555,720 (0.72%)" in card
+    assert "x 2 process(es) = 256" in card.replace("\n  ", " ")
