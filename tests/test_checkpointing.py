@@ -208,16 +208,26 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def worker_pid(out: Path, rank: int) -> int:
-    """The pid of the training process of `rank` (started by torchrun for the run writing to `out`)."""
+def worker_pids(out: Path) -> dict[int, int]:
+    """rank -> pid of the training processes torchrun started for the run writing to `out` (in their own sessions)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
         except OSError:
             continue
-        if str(out).encode() in cmdline and f"\0RANK={rank}\0".encode() in b"\0" + environ:
-            return int(proc.name)
-    raise AssertionError(f"no process of rank {rank} found for {out}")
+        if str(out).encode() in cmdline:
+            for var in environ.split(b"\0"):
+                if var.startswith(b"RANK="):
+                    found[int(var[5:])] = int(proc.name)
+    return found
+
+
+def kill_everything(proc: subprocess.Popen, out: Path) -> None:
+    for pid in worker_pids(out).values():
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def interrupt_and_resume(command: list[str], out: Path, term_pid) -> tuple[int, str]:
@@ -236,8 +246,7 @@ def interrupt_and_resume(command: list[str], out: Path, term_pid) -> tuple[int, 
     resume = [*command, "--resume_from_checkpoint", "latest"]
     proc = start(resume)
     wait_for_checkpoint(proc, out, 9)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_everything(proc, out)
     latest = resolve_checkpoint("latest", out / "checkpoints", say=lambda _: None)
     assert 9 <= int(latest.name.split("_")[1]) < STEPS
     assert 0 < counters(latest)["batches_in_epoch"], "the kill landed mid-epoch"
@@ -270,7 +279,7 @@ def test_sigterm_to_one_rank_and_sigkill_then_resume_is_exact_two_processes(tiny
     code, output = finish(start([*launch, *args(tiny_model_dir, synthetic_train_csv, reference, save_steps=3)]))
     assert code == 0, output[-3000:]
     code, output = interrupt_and_resume([*launch, *args(tiny_model_dir, synthetic_train_csv, out, save_steps=3)], out,
-                                        term_pid=lambda proc: worker_pid(out, 1))
+                                        term_pid=lambda proc: worker_pids(out)[1])
     assert code != 0 and "exitcode  : 75" in output, output[-3000:]
     assert_same_run(out, reference)
     assert json.loads((out / "results.json").read_text())["num_processes"] == 2
