@@ -82,6 +82,11 @@ class TrainConfig:
     eval_steps: int = _opt(200, "Evaluate on validation every N optimizer steps (and at the end).")
     save_steps: int = _opt(200, "Write a training checkpoint every N optimizer steps (0: never).")
     logging_steps: int = _opt(50, "Log train loss and learning rate every N optimizer steps.")
+    save_total_limit: int = _opt(2, "Keep this many newest checkpoints plus the best one (0: keep all).")
+    resume_from_checkpoint: str | None = _opt(
+        None, "Continue a stopped run: 'latest' (newest complete checkpoint in output_dir, if any) or a checkpoint folder."
+    )
+    early_stopping_patience: int = _opt(0, "Stop after N evaluations without a better validation accuracy (0: off).")
     output_dir: str = _opt("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
     overwrite_output_dir: bool = _opt(False, "Allow writing into an output_dir that already holds a finished run.")
     # Tracking
@@ -115,6 +120,8 @@ class TrainConfig:
             (self.max_length >= 8, "--max_length must be >= 8"),
             (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
+            (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
+            (self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0 (0 turns it off)"),
             (len(self.label_names) >= 2, "--label_names needs at least two classes"),
             (len(set(self.label_names)) == len(self.label_names), "--label_names must be distinct"),
             (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),

@@ -144,14 +144,21 @@ class RunLogger:
         self.path = output_dir / "metrics.jsonl"
         self.mode: str | None = None
 
-    def start(self, cfg: TrainConfig, run_config: dict[str, Any], resume_run_id: str | None = None) -> None:
-        """Open the tracker run (if any) with `run_config` (see `describe_run`), and start fresh metrics files.
+    def start(
+        self, cfg: TrainConfig, run_config: dict[str, Any], resume_run_id: str | None = None, resume_step: int | None = None
+    ) -> None:
+        """Open the tracker run (if any) with `run_config` (see `describe_run`), and start the metrics files.
 
-        `resume_run_id` (a previous run's `run_id`) reopens that W&B run, so a resumed training continues it."""
+        A fresh run starts them empty. A run resumed at `resume_step` keeps their events up to that step (later
+        ones were logged after the checkpoint and will be logged again), and `resume_run_id` (the earlier run's
+        `run_id`, saved in the checkpoint) reopens that W&B run, so the dashboard shows one continuous run."""
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-            (self.output_dir / "confusion_matrices.jsonl").write_text("")
+            for path in (self.path, self.output_dir / "confusion_matrices.jsonl"):
+                keep = [] if resume_step is None or not path.exists() else [
+                    line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resume_step
+                ]
+                path.write_text("".join(keep))
             write_json(self.output_dir / "run_config.json", run_config)
         self.mode = resolve_wandb_mode(cfg)
         if self.mode is None:

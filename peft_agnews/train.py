@@ -2,7 +2,10 @@
 
     accelerate launch peft_agnews/train.py [--config FILE.yaml] [--option value ...]
 
-data -> model -> prepare -> loop (evaluate, checkpoint) -> best adapter -> results.
+data -> model -> prepare -> [resume] -> loop (evaluate, checkpoint, stop early/on signal) -> best adapter -> results.
+
+Exit status: 0 done; 2 bad input or configuration; 3 non-finite loss or gradient; 75 stopped by SIGTERM/SIGINT
+after writing a checkpoint (continue with `--resume_from_checkpoint latest`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,6 +26,20 @@ from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import get_scheduler
 
 from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
+from peft_agnews.checkpointing import (
+    EXIT_INTERRUPTED,
+    Checkpointer,
+    NonFiniteError,
+    StopSignal,
+    TrainingInterrupted,
+    epoch_batches,
+    load_trainable,
+    nonfinite_error,
+    read_state,
+    resolve_checkpoint,
+    step_health,
+    trainable_weights,
+)
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import load_splits
 from peft_agnews.errors import UsageError
@@ -102,16 +119,41 @@ class Plan:
         )
 
 
+    def shape(self, cfg: TrainConfig) -> dict:
+        """What a resumed run must share with the checkpointed one for the same batches in the same order."""
+        return {
+            "train_examples": self.train_examples, "num_processes": self.num_processes,
+            "batches_per_process": self.batches_per_process, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "total_steps": self.total_steps, "seed": cfg.seed, "mixed_precision": self.mixed_precision,
+        }
+
+
 @dataclass
 class TrainState:
+    """Loop counters; all but best_weights and samples_seen go into checkpoints (trainer_state.json)."""
+
     step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: where a resumed run continues
     best_accuracy: float = -1.0
     best_step: int = 0
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0  # fp16 grad-scaler overflow steps
+    early_stopped: bool = False
+    tracker_run_id: str | None = None
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
     best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-    samples_seen: int = 0
-    last_eval_step: int = -1
+    samples_seen: int = 0  # this session only, for throughput
+
+    def counters(self) -> dict:
+        excluded = ("best_weights", "best_predictions", "samples_seen")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in excluded}
+
+    @classmethod
+    def restore(cls, counters: dict, best_weights: dict[str, torch.Tensor]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -176,6 +218,9 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     wall_start = time.perf_counter()
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
+    resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints", cfg.overwrite_output_dir, accelerator.print)
+    # Read the checkpoint's JSON state now: a corrupt one fails before minutes of data and model loading.
+    tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
 
     # Data: validated, split, tokenized once (the main process fills the datasets cache, the others read it).
     tokenizer = load_tokenizer(cfg)
@@ -203,13 +248,22 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
     )
+    checkpointer = Checkpointer(
+        accelerator, model, out / "checkpoints", cfg.save_total_limit, plan.shape(cfg), fresh=resume_from is None
+    )
+    state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
     logger = RunLogger(accelerator, out)
     data_sizes = {f"{name}_examples": len(split) for name, split in splits.items()}
     params = {"trainable_params": trainable, "total_params": total_params}
-    logger.start(cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(plan)))
+    logger.start(
+        cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(plan)),
+        resume_run_id=tracker_run_id, resume_step=state.step if resume_from else None,
+    )
+    state.tracker_run_id = logger.run_id or tracker_run_id
 
     started = time.perf_counter()
-    state = fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, out)
+    with StopSignal() as stop:
+        fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, checkpointer, state, stop)
     runtime = time.perf_counter() - started
 
     # The deliverable is the best adapter, not the last one.
@@ -221,6 +275,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         "best_step": state.best_step,
         "best_eval_accuracy": state.best_accuracy,
         "global_step": state.step,
+        "early_stopped": state.early_stopped,
+        "skipped_optimizer_steps": state.skipped_steps,
         "train_runtime": runtime,
         "train_samples_per_second": state.samples_seen / runtime,
         "num_processes": plan.num_processes,
@@ -232,6 +288,9 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
                         "test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
+    # A resumed run whose best step came before the interruption scores the restored best weights once more.
+    if state.best_predictions is None:
+        state.best_predictions = predict_logits(model, val_loader, accelerator)
     validation = classification_report(*state.best_predictions, cfg.label_names)
     if accelerator.is_main_process:
         ordered = splits["validation"].select(eval_order(tokenized["validation"]))
@@ -250,40 +309,54 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     return results
 
 
-def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, out) -> TrainState:
-    """The loop: accumulate, clip, step; log, evaluate and checkpoint on optimizer-step boundaries."""
-    state = TrainState()
-    preflight_pending = True
+def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, checkpointer,
+        state: TrainState, stop: StopSignal) -> TrainState:
+    """The loop: accumulate, clip, check, step; log, evaluate, checkpoint and stop on optimizer-step boundaries.
+
+    `state` is fresh or restored from a checkpoint: the loop continues at its epoch and batch position.
+    """
+    preflight_pending = state.step == 0
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = 0
     grad_norm = None
     throughput = ThroughputMeter(accelerator)
-    progress = tqdm(total=plan.total_steps, disable=not accelerator.is_local_main_process, desc="train")
+    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     model.train()
-    for epoch in range(plan.num_epochs):
+    for epoch in range(state.epoch, plan.num_epochs):
+        if state.step >= plan.total_steps or state.early_stopped:  # also when resuming a finished run
+            break
+        if epoch != state.epoch:
+            state.epoch, state.batches_in_epoch = epoch, 0
         train_loader.set_epoch(epoch)
-        for batch in train_loader:
+        for batch in epoch_batches(accelerator, train_loader, state.batches_in_epoch):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
+                loss_sum += loss.detach()  # summed on device: no host sync per micro-batch
                 if accelerator.sync_gradients:
                     # An infinite limit measures the norm without clipping.
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    loss_ok, grads_ok, stop_requested = step_health(accelerator, model, loss_sum, grad_norm, stop)
+                    # fp16: the grad scaler skips overflowing steps by design (counted below); otherwise stop
+                    # before the optimizer writes NaN into the weights.
+                    if not loss_ok or (not grads_ok and accelerator.scaler is None):
+                        raise nonfinite_error("loss" if not loss_ok else "gradient", state.step + 1,
+                                              checkpointer.last_saved, state.best_step)
                     if preflight_pending:
                         preflight_pending = not gradient_preflight(accelerator, model)
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad()
-            # Read back lazily: summing on device avoids a host sync every micro-batch.
-            loss_sum += loss.detach()
             micro_batches += 1
+            state.batches_in_epoch += 1
             state.samples_seen += batch["labels"].numel()
             throughput.update(batch)
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
+            state.skipped_steps += int(accelerator.optimizer_step_was_skipped)
             progress.update(1)
             if state.step % cfg.logging_steps == 0:
                 metrics = {
@@ -294,6 +367,8 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
                 }
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
+                if accelerator.scaler is not None:
+                    metrics["train/skipped_steps"] = state.skipped_steps
                 logger.log(metrics, step=state.step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 loss_sum.zero_()
@@ -301,12 +376,19 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
             with throughput.paused():
                 if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
                     run_evaluation(cfg, accelerator, model, val_loader, logger, state)
-                if cfg.save_steps and state.step % cfg.save_steps == 0:
-                    accelerator.save_state(str(out / "checkpoints" / f"step_{state.step}"))
-            if state.step >= plan.total_steps:
+                if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop_requested:
+                    checkpointer.save(state.step, state.counters(), state.best_weights)
+            if stop_requested:
+                raise TrainingInterrupted(
+                    f"stopped by {stop.received or 'a signal on another process'} at step {state.step}; "
+                    f"checkpoint {checkpointer.last_saved}; continue with --resume_from_checkpoint latest"
+                )
+            if 0 < cfg.early_stopping_patience <= state.evals_without_improvement:
+                state.early_stopped = True
+                accelerator.print(f"early stopping at step {state.step}: no better validation accuracy in "
+                                  f"{state.evals_without_improvement} evaluations")
+            if state.step >= plan.total_steps or state.early_stopped:
                 break
-        if state.step >= plan.total_steps:
-            break
     progress.close()
     state.samples_seen = int(accelerator.reduce(torch.tensor(state.samples_seen, device=accelerator.device), "sum"))
     return state
@@ -333,18 +415,9 @@ def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainStat
         state.best_accuracy, state.best_step = metrics["accuracy"], state.step
         state.best_weights = trainable_weights(accelerator.unwrap_model(model))
         state.best_predictions = (logits, labels)
-
-
-def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable parameters (a few MB for LoRA), to restore the best step at the end."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -354,6 +427,12 @@ def cli(argv: list[str] | None = None) -> int:
     except (UsageError, GradientFlowError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as err:
+        print(err, file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

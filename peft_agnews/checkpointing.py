@@ -1,0 +1,345 @@
+"""Fault tolerance: small atomic checkpoints, exact resume, stop signals, and the non-finite guard.
+
+A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while training, never the frozen base:
+
+    trainable.safetensors      the trainable weights (LoRA, trained biases, classifier head) at step N
+    best.safetensors           the best trainable weights so far: the adapter the run exports at the end
+    optimizer.bin, scheduler.bin, scaler.pt, random_states_<rank>.pkl
+                               Accelerate's `save_state` (model weights removed by our hooks); tensors and numbers
+                               only, read back with `weights_only=True`
+    trainer_state.json         step, epoch, position in the epoch, best metric, early-stopping count, tracker run id,
+                               and the run's shape (processes, batches, accumulation, seed) a resume must match
+    COMPLETE                   written last
+
+Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then renamed, so a folder named
+`step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import load as torch_load_safely
+from safetensors.torch import load_file, save_file
+
+from peft_agnews.errors import UsageError
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+BEST_FILE = "best.safetensors"
+# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a stop signal was honoured, a
+# checkpoint was written, and `--resume_from_checkpoint latest` continues the run.
+EXIT_INTERRUPTED = 75
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, or from a differently shaped run."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN/inf (outside fp16's skipped grad-scaler steps)."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal was honoured after writing a checkpoint; the CLI exits with EXIT_INTERRUPTED."""
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable parameters (a few MB for LoRA)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("_")[-1])
+
+
+def list_checkpoints(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints oldest first, incomplete leftovers) under `folder`."""
+    complete, incomplete = [], []
+    if not folder.is_dir():
+        return complete, incomplete
+    for path in folder.iterdir():
+        if path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            incomplete.append(path)
+        elif path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit():
+            (complete if (path / MARKER).is_file() else incomplete).append(path)
+    return sorted(complete, key=step_of), sorted(incomplete)
+
+
+def resolve_checkpoint(spec: str | None, folder: Path, overwrite: bool = False,
+                       say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: None (start fresh), `latest`, or an explicit folder (which must be complete).
+
+    `latest` with no complete checkpoint starts fresh, so a requeued job can always pass it. Starting fresh over an
+    earlier run's checkpoints needs `overwrite`: otherwise `latest` could later pick one of the old run's.
+    """
+    if not spec:
+        if list_checkpoints(folder)[0] and not overwrite:
+            raise UsageError(
+                f"{folder} holds checkpoints of an earlier run; continue it with --resume_from_checkpoint latest "
+                "or start over with --overwrite_output_dir true (deletes them)"
+            )
+        return None
+    if spec == "latest":
+        complete, incomplete = list_checkpoints(folder)
+        if incomplete:
+            say(f"skipping incomplete checkpoint(s) (interrupted writes): {', '.join(p.name for p in incomplete)}")
+        if not complete:
+            say(f"no complete checkpoint in {folder}: starting from scratch")
+            return None
+        say(f"resuming from {complete[-1]}")
+        return complete[-1]
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: no such folder; pass a checkpoint folder or 'latest'")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {MARKER} marker: its write was interrupted); "
+            "pass another checkpoint or 'latest'"
+        )
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON part of a checkpoint (plain data: no unpickling)."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("counters"), dict):
+            raise ValueError("not a checkpoint state object")
+        return state
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {file} is unreadable or corrupt ({err}); pass another checkpoint") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Writes and reads checkpoints for one prepared model/optimizer/scheduler through Accelerate's save/load_state.
+
+    Hooks replace Accelerate's full-model weights file with the trainable weights only; everything Accelerate saves
+    besides (optimizer, scheduler, grad scaler, every process's RNG states) is kept as it writes it.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, folder: Path, keep: int,
+                 run_shape: dict[str, Any], fresh: bool) -> None:
+        """`fresh`: a run that does not resume; checkpoints of an earlier run in `folder` are deleted."""
+        self.accelerator = accelerator
+        self.model = model
+        self.folder = folder
+        self.keep = keep
+        self.run_shape = run_shape
+        self.last_saved: Path | None = None
+        self._incoming: dict[str, torch.Tensor] | None = None
+        accelerator.register_save_state_pre_hook(self._save_weights_hook)
+        accelerator.register_load_state_pre_hook(self._load_weights_hook)
+        if accelerator.is_main_process:
+            complete, incomplete = list_checkpoints(folder)
+            for path in incomplete + (complete if fresh else []):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # Accelerate hooks ------------------------------------------------------------------------------------------
+    def _save_weights_hook(self, models: list, weights: list, output_dir: str) -> None:
+        if self.accelerator.is_main_process:
+            save_file(trainable_weights(self.accelerator.unwrap_model(self.model)), str(Path(output_dir) / WEIGHTS_FILE))
+        weights.clear()  # Accelerate would otherwise write the whole model, frozen base included
+
+    def _load_weights_hook(self, models: list, input_dir: str) -> None:
+        load_trainable(self.accelerator.unwrap_model(self.model), self._incoming)
+        models.clear()
+
+    # Saving ------------------------------------------------------------------------------------------------------
+    def save(self, step: int, counters: dict[str, Any], best_weights: dict[str, torch.Tensor]) -> Path:
+        """Write checkpoint `step_<step>` atomically (all processes call this), then drop old ones."""
+        acc = self.accelerator
+        final, tmp = self.folder / f"{PREFIX}{step}", self.folder / f"{TMP_PREFIX}{PREFIX}{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every process writes its own RNG file; the main process the rest
+        if acc.is_main_process:
+            save_file(best_weights, str(tmp / BEST_FILE))
+            state = {"step": step, "counters": counters, "run_shape": self.run_shape}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for file in tmp.iterdir():
+                _fsync(file)
+            (tmp / MARKER).write_text("")
+            _fsync(tmp / MARKER)
+            if final.exists():  # an older run reached this step before: replace it
+                self._discard(final)
+            tmp.rename(final)
+            _fsync(self.folder)
+            self._rotate(int(counters.get("best_step", 0)))
+        acc.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+    def _discard(self, path: Path) -> None:
+        # Rename first: a kill during rmtree leaves a `.trash-*` folder that is never mistaken for a checkpoint.
+        trash = path.with_name(TRASH_PREFIX + path.name)
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _rotate(self, best_step: int) -> None:
+        if not self.keep:
+            return
+        complete, _ = list_checkpoints(self.folder)
+        keep = set(complete[-self.keep:]) | {p for p in complete if step_of(p) == best_step}
+        for path in complete:
+            if path not in keep:
+                self._discard(path)
+
+    # Loading ----------------------------------------------------------------------------------------------------
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Restore weights, optimizer, scheduler, scaler and RNG states from `path`; return (counters, best weights).
+
+        Every file is read and checked before anything is restored, on every process, so a bad checkpoint fails
+        the same way everywhere and names the file.
+        """
+        state = read_state(path)
+        self._check_shape(path, state["run_shape"])
+        trainable = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        self._incoming = self._read_weights(path / WEIGHTS_FILE, trainable)
+        best = self._read_weights(path / BEST_FILE, trainable, empty_ok=True)  # empty before the first evaluation
+        files = ["optimizer.bin", "scheduler.bin"] + [f"random_states_{i}.pkl" for i in range(self.run_shape["num_processes"])]
+        if self.accelerator.scaler is not None:
+            files.append("scaler.pt")
+        loaded = {name: self._read_torch(path / name) for name in files}
+        self.accelerator.load_state(str(path))
+        self._incoming = None
+        # Accelerate swallows any error while restoring RNG states ("Could not load random states"); an exact
+        # resume needs them, so check that the CPU generator really holds the saved state.
+        rng = loaded[f"random_states_{self.accelerator.process_index}.pkl"]
+        if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
+            raise CheckpointError(f"could not restore the RNG states in {path}; pass another checkpoint")
+        self.last_saved = path
+        return state["counters"], best
+
+    def _check_shape(self, path: Path, saved: dict[str, Any]) -> None:
+        diffs = [f"{k}={saved.get(k)} (now {v})" for k, v in self.run_shape.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {path} comes from a differently shaped run: {', '.join(diffs)}; "
+                "resume with the same data, batch size, accumulation, process count and seed"
+            )
+
+    @staticmethod
+    def _read_weights(file: Path, expected: set[str], empty_ok: bool = False) -> dict[str, torch.Tensor]:
+        try:
+            weights = load_file(str(file))
+        except Exception as err:  # safetensors raises several types for missing/truncated files
+            raise CheckpointError(f"checkpoint file {file} is missing or corrupt ({err}); pass another checkpoint") from None
+        if set(weights) != expected and not (empty_ok and not weights):
+            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise CheckpointError(
+                f"checkpoint file {file} does not match this model's trainable weights "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the same model and LoRA options"
+            )
+        return weights
+
+    @staticmethod
+    def _read_torch(file: Path) -> Any:
+        try:
+            return torch_load_safely(str(file), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types (EOFError, UnpicklingError, RuntimeError, ...)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"checkpoint file {file} is missing or corrupt ({first}); pass another checkpoint") from None
+
+
+def epoch_batches(accelerator: Accelerator, loader: Any, skip: int) -> Iterable:
+    """The current epoch's batches from position `skip` on (0: the whole epoch).
+
+    Starting a DataLoader iterator draws a base seed from the global torch RNG. An uninterrupted run drew it at the
+    start of the epoch, before the checkpoint captured the RNG state, so the resumed run must not draw again.
+    """
+    return loader if skip == 0 else _without_rng_draw(accelerator.skip_first_batches(loader, skip))
+
+
+def _without_rng_draw(loader: Iterable) -> Iterator:
+    with torch.random.fork_rng(devices=[]):
+        iterator = iter(loader)
+        first = next(iterator, None)  # the seed is drawn lazily, on the first batch
+    if first is None:
+        return
+    yield first
+    yield from iterator
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag instead of killing the process; the loop checks it at optimizer-step boundaries.
+
+    Use as a context manager around the loop; the previous handlers come back on exit. To stop at once, SIGKILL.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def step_health(accelerator: Accelerator, model: torch.nn.Module, loss_sum: torch.Tensor,
+                grad_norm: torch.Tensor | None, stop: StopSignal) -> tuple[bool, bool, bool]:
+    """(loss finite, gradients finite, stop requested), agreed by all processes in one small all-reduce.
+
+    Called once per optimizer step, before `optimizer.step()`; `loss_sum` is the loss summed since the last log.
+    """
+    if grad_norm is None:
+        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=accelerator.device)
+    flags = torch.stack([
+        (~torch.isfinite(loss_sum)).float(),
+        (~torch.isfinite(torch.as_tensor(grad_norm, device=accelerator.device))).float(),
+        torch.tensor(float(stop.received is not None), device=accelerator.device),
+    ])
+    flags = accelerator.reduce(flags, "sum").tolist()
+    return flags[0] == 0, flags[1] == 0, flags[2] > 0
+
+
+def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_step: int) -> NonFiniteError:
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    return NonFiniteError(
+        f"non-finite {what} at optimizer step {step}: training stopped before applying it; {where} "
+        f"(best adapter so far: step {best_step}, in its {BEST_FILE}); "
+        "lower --learning_rate or check the data, then start again"
+    )

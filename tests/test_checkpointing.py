@@ -1,0 +1,315 @@
+"""Fault tolerance: exact resume (in-process, after SIGTERM and SIGKILL, 1 and 2 processes), atomic writes,
+corrupt checkpoints, early stopping and the non-finite guard, all on the tiny model in fp32 on CPU.
+
+The run shape used throughout: 432 training rows, batch 16, accumulation 2 -> 27 micro-batches and 14 optimizer steps
+per epoch on one process (the 14th step has a single micro-batch), 7 per epoch on two; 15 steps in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_train_args
+from peft_agnews import checkpointing
+from peft_agnews.checkpointing import EXIT_INTERRUPTED, MARKER, resolve_checkpoint
+from peft_agnews.train import cli
+
+STEPS = 15
+
+
+def args(model_dir: Path, train_csv: Path, out: Path, **overrides) -> list[str]:
+    options = {"max_train_steps": STEPS, "eval_steps": 5, "save_steps": 1, "save_total_limit": 0, **overrides}
+    return tiny_train_args(model_dir, train_csv, out, **options)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{STEPS}" / "trainable.safetensors")
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Same final trainable weights, same exported best adapter, same best step and accuracy."""
+    assert max_diff(final_weights(out), final_weights(reference)) <= 1e-6
+    adapter = "adapter/adapter_model.safetensors"
+    assert max_diff(load_file(out / adapter), load_file(reference / adapter)) <= 1e-6
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert (got["global_step"], got["best_step"], got["best_eval_accuracy"]) == (
+        want["global_step"], want["best_step"], want["best_eval_accuracy"])
+
+
+def counters(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["counters"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> Path:
+    """An uninterrupted run that keeps a checkpoint at every step."""
+    out = tmp_path_factory.mktemp("reference")
+    assert cli(args(tiny_model_dir, synthetic_train_csv, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("step", [5, 13, 14])
+def test_resume_from_a_checkpoint_is_exact(step, reference, tiny_model_dir, synthetic_train_csv, tmp_path):
+    """Mid-epoch (5), before the epoch's last, partial accumulation window (13), at the epoch's end (14)."""
+    checkpoint = reference / "checkpoints" / f"step_{step}"
+    assert counters(checkpoint)["batches_in_epoch"] == {5: 10, 13: 26, 14: 27}[step]
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path, resume_from_checkpoint=checkpoint)) == 0
+    assert_same_run(tmp_path, reference)
+
+
+def test_checkpoints_hold_only_what_changes(reference):
+    checkpoint = reference / "checkpoints" / "step_5"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert names == {"trainable.safetensors", "best.safetensors", "optimizer.bin", "scheduler.bin",
+                     "random_states_0.pkl", "trainer_state.json", MARKER}
+    weights = load_file(checkpoint / "trainable.safetensors")
+    assert weights and all("lora_" in n or "classifier" in n or "bias" in n for n in weights)
+    assert not any("word_embeddings" in n for n in weights), "the frozen base stays out"
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
+    reference, tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch, capsys
+):
+    real_save = checkpointing.save_file
+
+    def dies_writing_step_4(tensors, filename, *a, **kw):
+        if ".tmp-step_4" in filename and filename.endswith("best.safetensors"):
+            raise OSError("simulated crash in the middle of writing a checkpoint")
+        return real_save(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(checkpointing, "save_file", dies_writing_step_4)
+    with pytest.raises(OSError, match="simulated crash"):
+        cli(args(tiny_model_dir, synthetic_train_csv, tmp_path))
+    monkeypatch.undo()
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-step_4", "step_1", "step_2", "step_3"]
+    assert not (folder / ".tmp-step_4" / MARKER).exists()
+    # A checkpoint without its marker (e.g. half copied by hand) is skipped by `latest` too.
+    shutil.copytree(folder / "step_3", folder / "step_9")
+    (folder / "step_9" / MARKER).unlink()
+    capsys.readouterr()
+    assert resolve_checkpoint("latest", folder) == folder / "step_3"
+    assert "skipping incomplete checkpoint(s) (interrupted writes): .tmp-step_4, step_9" in capsys.readouterr().out
+    # Named explicitly, the incomplete one is a clear error.
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path, resume_from_checkpoint=folder / "step_9")) == 2
+    assert f"checkpoint {folder / 'step_9'} is incomplete" in capsys.readouterr().err
+    shutil.rmtree(folder / "step_9")
+
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path, resume_from_checkpoint="latest")) == 0
+    assert_same_run(tmp_path, reference)
+    assert not (folder / ".tmp-step_4").exists(), "leftovers of interrupted writes are cleaned up"
+
+
+@pytest.mark.parametrize("file", ["trainer_state.json", "trainable.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_a_corrupt_checkpoint_is_a_clear_error_naming_the_file(
+    file, reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys
+):
+    checkpoint = tmp_path / "step_5"
+    shutil.copytree(reference / "checkpoints" / "step_5", checkpoint)
+    data = (checkpoint / file).read_bytes()
+    (checkpoint / file).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, out, resume_from_checkpoint=checkpoint)) == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint file {checkpoint / file} " in err, err
+    assert not (out / "results.json").exists()
+
+
+def test_resuming_a_differently_shaped_run_is_a_clear_error(reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    checkpoint = reference / "checkpoints" / "step_5"
+    argv = args(tiny_model_dir, synthetic_train_csv, tmp_path, gradient_accumulation_steps=1, resume_from_checkpoint=checkpoint)
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "differently shaped run" in err and "gradient_accumulation_steps=2 (now 1)" in err, err
+
+
+def test_early_stopping_ends_training_and_exports_the_best_adapter(tiny_model_dir, synthetic_train_csv, tmp_path):
+    argv = args(tiny_model_dir, synthetic_train_csv, tmp_path, max_train_steps=60, eval_steps=2, save_steps=0,
+                early_stopping_patience=2)
+    assert cli(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["early_stopped"] is True and results["global_step"] < 60
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [(e["step"], e["eval/accuracy"]) for e in evals if "eval/accuracy" in e]
+    assert accuracies[-1][0] == results["global_step"]
+    assert all(acc <= results["best_eval_accuracy"] for _, acc in accuracies[-2:]), "two evaluations without improvement"
+    assert max(acc for _, acc in accuracies) == results["best_eval_accuracy"]
+    assert results["best_step"] < results["global_step"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(
+    tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch, capsys
+):
+    """A forward hook turns the 9th training micro-batch's logits into NaN: that is optimizer step 5's first."""
+    import peft_agnews.train as train
+
+    real_apply_lora = train.apply_lora
+
+    def poisoned_apply_lora(model, cfg):
+        model = real_apply_lora(model, cfg)
+        calls = {"n": 0}
+
+        def poison(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 9:
+                    return output * float("nan")
+            return output
+
+        model.base_model.model.classifier.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train, "apply_lora", poisoned_apply_lora)
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path, eval_steps=2, save_steps=2)) == 3
+    err = capsys.readouterr().err
+    last_good = tmp_path / "checkpoints" / "step_4"
+    assert "error: non-finite loss at optimizer step 5" in err and str(last_good) in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    for name in ("trainable.safetensors", "best.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(last_good / name).values())
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "adapter").exists()
+
+
+# Real processes, real signals -----------------------------------------------------------------------------------
+
+def start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    marker = out / "checkpoints" / f"step_{step}" / MARKER
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"run ended before checkpoint {step}:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, output
+
+
+def worker_pids(out: Path) -> dict[int, int]:
+    """rank -> pid of the training processes torchrun started for the run writing to `out` (in their own sessions)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(out).encode() in cmdline:
+            for var in environ.split(b"\0"):
+                if var.startswith(b"RANK="):
+                    found[int(var[5:])] = int(proc.name)
+    return found
+
+
+def kill_everything(proc: subprocess.Popen, out: Path) -> None:
+    for pid in worker_pids(out).values():
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def interrupt_and_resume(command: list[str], out: Path, term_pid) -> tuple[int, str]:
+    """Start a run; SIGTERM the process `term_pid(proc)` names after checkpoint 3; resume with `latest`; SIGKILL
+    every process after checkpoint 9 (wherever they are: mid-step, mid-accumulation); resume with `latest` again;
+    the run must finish. Returns the exit status and output of the SIGTERM'd run."""
+    proc = start(command)
+    wait_for_checkpoint(proc, out, 3)
+    os.kill(term_pid(proc), signal.SIGTERM)
+    term_code, term_output = finish(proc)
+    assert "stopped by SIGTERM at step" in term_output, term_output[-3000:]
+    stopped_at = int(term_output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < STEPS
+    assert (out / "checkpoints" / f"step_{stopped_at}" / MARKER).is_file(), "the stop wrote a complete checkpoint"
+
+    resume = [*command, "--resume_from_checkpoint", "latest"]
+    proc = start(resume)
+    wait_for_checkpoint(proc, out, 9)
+    kill_everything(proc, out)
+    latest = resolve_checkpoint("latest", out / "checkpoints", say=lambda _: None)
+    assert 9 <= int(latest.name.split("_")[1]) < STEPS
+    assert 0 < counters(latest)["batches_in_epoch"], "the kill landed mid-epoch"
+
+    code, output = finish(start(resume))
+    assert code == 0, output[-3000:]
+    return term_code, term_output
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_then_resume_is_exact_one_process(reference, tiny_model_dir, synthetic_train_csv, tmp_path):
+    command = [sys.executable, "peft_agnews/train.py",
+               *args(tiny_model_dir, synthetic_train_csv, tmp_path, save_steps=3, save_total_limit=2)]
+    code, output = interrupt_and_resume(command, tmp_path, term_pid=lambda proc: proc.pid)
+    assert code == EXIT_INTERRUPTED, output[-3000:]
+    assert "continue with --resume_from_checkpoint latest" in output
+    assert_same_run(tmp_path, reference)
+    # Rotation kept the two newest checkpoints and the best one.
+    best = json.loads((tmp_path / "results.json").read_text())["best_step"]
+    kept = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert kept == {"step_12", "step_15"} | ({f"step_{best}"} if best % 3 == 0 else set()), kept
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_and_sigkill_then_resume_is_exact_two_processes(tiny_model_dir, synthetic_train_csv, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks agree to stop at the same step. Reference: an uninterrupted 2-process run."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"), "peft_agnews/train.py"]
+    reference, out = tmp_path / "reference", tmp_path / "interrupted"
+    code, output = finish(start([*launch, *args(tiny_model_dir, synthetic_train_csv, reference, save_steps=3)]))
+    assert code == 0, output[-3000:]
+    code, output = interrupt_and_resume([*launch, *args(tiny_model_dir, synthetic_train_csv, out, save_steps=3)], out,
+                                        term_pid=lambda proc: worker_pids(out)[1])
+    assert code != 0 and "exitcode  : 75" in output, output[-3000:]
+    assert_same_run(out, reference)
+    assert json.loads((out / "results.json").read_text())["num_processes"] == 2
+
+
+def test_resume_continues_the_metrics_log_and_the_same_wandb_run(tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch):
+    """A run stopped after step 12 with its last checkpoint at step 5 resumes from it: metrics.jsonl drops the
+    events logged after the checkpoint and continues, and W&B reopens the run id stored in the checkpoint."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = tmp_path / "first"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, first, report_to="wandb")) == 0
+    stopped = tmp_path / "stopped"
+    shutil.copytree(first, stopped)
+    shutil.rmtree(stopped / "adapter")
+    (stopped / "results.json").unlink()
+    for checkpoint in (stopped / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.split("_")[1]) > 5:
+            shutil.rmtree(checkpoint)
+    lines = (stopped / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (stopped / "metrics.jsonl").write_text("".join(l for l in lines if json.loads(l)["step"] <= 12))
+
+    assert cli(args(tiny_model_dir, synthetic_train_csv, stopped, report_to="wandb", resume_from_checkpoint="latest")) == 0
+
+    def steps(out: Path, key: str) -> list[int]:
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [e["step"] for e in events if key in e]
+
+    for key in ("train/loss", "eval/accuracy"):
+        assert steps(stopped, key) == steps(first, key)
+    assert steps(stopped, "eval/accuracy") == [5, 10, 15]
+    runs = sorted((stopped / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
+    assert counters(stopped / "checkpoints" / "step_15")["tracker_run_id"] == runs[0].name.rsplit("-", 1)[1]
