@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_rows", type=int, default=256)
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
-    p.add_argument("--runners", default="ours,trainer", help="comma list of: ours, trainer, trainer_padded")
+    p.add_argument("--runners", default="ours,trainer",
+                   help="comma list of: ours, trainer (fed our exact batch order), trainer_padded (every row padded "
+                        "to --max_length, random order: the design report's setting)")
     p.add_argument("--model_config", default=str(SHARED / "roberta-base-tokenizer"),
                    help="folder with config.json + tokenizer; a random-init model of that shape is built")
     p.add_argument("--model_dir", default=None, help="an existing model folder (skips building from --model_config)")
@@ -70,26 +72,22 @@ def prepare_model(args) -> Path:
     return out
 
 
-def matmul_peak(device: str, precision: str) -> float:
-    """Measured FLOP/s of a 2048x2048 matmul in the run's compute dtype (bf16/fp16 or fp32)."""
+def matmul_peak(device: str, precision: str, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of 2048x2048 matmuls (through F.linear, the op Linear layers use) in the run's compute
+    dtype, over about `seconds`: bounded in time because some CPUs emulate bf16 at a few GFLOP/s."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     b = torch.randn(2048, 2048, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
+    torch.nn.functional.linear(a, b)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.nn.functional.linear(a, b)
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / 10)
-    return 2 * 2048**3 / best
+        calls += 1
+    return 2 * 2048**3 * calls / (time.perf_counter() - started)
 
 
 def linear_params(model_dir: Path) -> int:
@@ -157,6 +155,7 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
+    from peft_agnews.batching import LengthGroupedSampler
     from peft_agnews.config import TrainConfig
     from peft_agnews.data import load_splits
 
@@ -207,13 +206,22 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
         logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=37,
         use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
     )
+    class SameBatchesTrainer(Trainer):
+        """The Trainer fed our loop's exact batch order, so both runners compute on identical batches."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            return LengthGroupedSampler(list(data["train"]["length"]), args.batch_size, seed=cfg.seed)
+
     timer = StepTimes()
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      data_collator=counting_collator, callbacks=[timer])
+    trainer_class = Trainer if pad_to_max else SameBatchesTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=data["train"],
+                            eval_dataset=data["validation"], data_collator=counting_collator, callbacks=[timer])
     trainer.train()
     times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-    samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), counts["real"], args.warmup)
-    pad_eff = sum(counts["real"][: len(times)]) / sum(counts["padded"][: len(times)])
+    # The Trainer's loader collates one batch ahead: count only the batches that were trained on.
+    real, padded = counts["real"][: len(times)], counts["padded"][: len(times)]
+    samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), real, args.warmup)
+    pad_eff = sum(real) / sum(padded)
     evaluation = trainer.evaluate()
     return {
         "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": pad_eff,
