@@ -14,11 +14,20 @@ from transformers import PreTrainedTokenizerBase
 LABELS_FILE = "labels.json"
 
 
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, label_names: list[str], out_dir: Path) -> None:
-    """Adapter weights (safetensors) + adapter config + tokenizer + label names, swapped in as one rename."""
+def save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str],
+    out_dir: Path,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Adapter weights (safetensors) + adapter config + tokenizer + label names, swapped in as one rename.
+
+    `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
+    PEFT keeps only the adapter and head entries of it."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
     if out_dir.exists():

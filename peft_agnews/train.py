@@ -299,8 +299,10 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
+    # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
+    full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter")
+        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter", state_dict=full_state)
         write_run_report(out, cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
         write_json(out / "results.json", results)  # last: its presence marks a finished run

@@ -86,13 +86,13 @@ def test_reloaded_adapter_matches_in_process_model_exactly(tiny_model_dir, synth
     captured = {}
     original = train_module.save_adapter
 
-    def capture(model, tokenizer, label_names, out_dir):
+    def capture(model, tokenizer, label_names, out_dir, **kwargs):
         model.eval()
         batch = tokenizer(["goal season coach", "shares profit bank"], return_tensors="pt", padding=True)
         with torch.no_grad():
             captured["logits"] = model(**batch).logits.clone()
         captured["batch"] = batch
-        original(model, tokenizer, label_names, out_dir)
+        original(model, tokenizer, label_names, out_dir, **kwargs)
 
     train_module.save_adapter = capture
     try:
