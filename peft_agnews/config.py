@@ -121,6 +121,7 @@ class TrainConfig:
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         self.wandb_tags = _split_commas(self.wandb_tags)
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
+        self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
         self.lora_r = _parse_rank(self.lora_r)
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK

@@ -240,9 +240,13 @@ def test_best_recipe_fits_the_budget_on_roberta_base(shared_data):
     assert count_parameters(model)[0] < 1_000_000
 
 
-def test_proxy_recipe_parses_and_names_the_proxy():
+def test_proxy_recipe_takes_the_model_dir_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MINILM_DIR", raising=False)
+    with pytest.raises(UsageError, match=r"\$MINILM_DIR, which is not set"):
+        parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
+    monkeypatch.setenv("MINILM_DIR", "/models/minilm")
     cfg = parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
-    assert "minilm" in cfg.model_name_or_path.lower() or cfg.model_name_or_path.startswith("$")
+    assert cfg.model_name_or_path == "/models/minilm" and cfg.classifier_head == "mean"
 
 
 # --- ensembling ----------------------------------------------------------------------------------------------
