@@ -47,11 +47,23 @@ class TrainConfig:
     max_train_samples: int | None = _opt(None, "Keep only this many training rows (for quick runs).")
     max_eval_samples: int | None = _opt(None, "Keep only this many validation rows (for quick runs).")
     # LoRA
-    lora_r: int = _opt(8, "LoRA rank.")
+    lora_r: str = _opt(
+        "8", "LoRA rank, or 'auto': the largest rank whose exact trainable count fits --max_trainable_params."
+    )
     lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _opt(0.2, "Dropout on the LoRA input.")
     lora_bias: Literal["none", "all", "lora_only"] = _opt("lora_only", "Which biases to train.")
     lora_target_modules: list[str] = _opt(["query", "value"], "Module names that get LoRA adapters.")
+    lora_rank_pattern: list[str] = _opt(
+        [], "Per-module ranks as MODULE=RANK (e.g. intermediate.dense=4); other targets use --lora_r."
+    )
+    use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = _opt(False, "DoRA: learn a magnitude per output feature on top of the LoRA direction.")
+    classifier_head: Literal["model", "first_token", "mean"] = _opt(
+        "model",
+        "Head: 'model' keeps the base class's own head; 'first_token' / 'mean' use one Linear over the first "
+        "token / the masked mean of the last hidden states (a few thousand parameters).",
+    )
     max_trainable_params: int = _opt(1_000_000, "Refuse to train more parameters than this.")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")
     # Optimisation
@@ -69,7 +81,14 @@ class TrainConfig:
     )
     num_train_epochs: float = _opt(6.0, "Passes over the training split.")
     max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).")
-    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = _opt("linear", "Learning-rate schedule.")
+    head_learning_rate: float | None = _opt(None, "Learning rate of the classifier head (default: --learning_rate).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "one_cycle"] = _opt(
+        "linear", "Learning-rate schedule ('one_cycle': PyTorch OneCycleLR, warmup = --warmup_ratio)."
+    )
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy (0: off).")
+    rdrop_alpha: float = _opt(
+        0.0, "R-Drop: weight of the symmetric KL between two dropout passes of each batch (0: off; doubles compute)."
+    )
     warmup_ratio: float = _opt(0.1, "Fraction of optimizer steps spent warming up.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
         "auto", "Precision: 'auto' takes the Accelerate config, else fp16 on GPU and fp32 on CPU."
@@ -107,6 +126,10 @@ class TrainConfig:
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         self.wandb_tags = _split_commas(self.wandb_tags)
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
+        self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
+        self.lora_r = _parse_rank(self.lora_r)
+        self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
+        rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK
         checks = [
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
@@ -116,7 +139,10 @@ class TrainConfig:
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
             (0 < self.validation_split < 1, "--validation_split must be in (0, 1)"),
-            (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (self.lora_r == "auto" or self.lora_r >= 1, "--lora_r must be >= 1 or 'auto'"),
+            (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+            (self.rdrop_alpha >= 0, "--rdrop_alpha must be >= 0"),
+            (self.head_learning_rate is None or self.head_learning_rate > 0, "--head_learning_rate must be > 0"),
             (self.max_length >= 8, "--max_length must be >= 8"),
             (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
@@ -155,6 +181,26 @@ class TrainConfig:
 
 def _split_commas(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+
+
+def _parse_rank(value: int | str) -> int | str:
+    if isinstance(value, int) or str(value).strip().lower() == "auto":
+        return value if isinstance(value, int) else "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"invalid config: --lora_r {value!r} is neither an integer nor 'auto'") from None
+
+
+def rank_pattern_dict(entries: list[str]) -> dict[str, int]:
+    """`["intermediate.dense=4"]` -> `{"intermediate.dense": 4}` (PEFT's rank_pattern)."""
+    pattern = {}
+    for entry in entries:
+        name, _, rank = entry.partition("=")
+        if not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
+            raise UsageError(f"invalid config: --lora_rank_pattern entry {entry!r} is not MODULE=RANK (e.g. output.dense=4)")
+        pattern[name.strip()] = int(rank)
+    return pattern
 
 
 def _expand_env(value: str, option: str) -> str:

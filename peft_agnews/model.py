@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peft_agnews.config import TrainConfig
+from peft_agnews.config import TrainConfig, rank_pattern_dict
 from peft_agnews.errors import UsageError
 
 
@@ -41,30 +45,162 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     """Wrap `base` with LoRA on `cfg.lora_target_modules`; the classifier head is trained and saved with it."""
-    available = linear_module_names(base)
-    unknown = [m for m in cfg.lora_target_modules if m not in available]
-    if unknown:
-        raise UsageError(
-            f"--lora_target_modules {unknown} not found in {type(base).__name__}; its Linear modules are {available}"
-        )
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # marks the classifier head as trainable (modules_to_save) and saves it
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        bias=cfg.lora_bias,
-        target_modules=list(cfg.lora_target_modules),
-    )
-    model = get_peft_model(base, lora)
+    check_target_modules(base, cfg.lora_target_modules + list(rank_pattern_dict(cfg.lora_rank_pattern)))
+    replace_head(base, cfg.classifier_head)
+    rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
+    model = get_peft_model(base, lora_config(cfg, rank))
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(
             f"{trainable:,} trainable parameters exceed --max_trainable_params {cfg.max_trainable_params:,}; "
-            "lower --lora_r or target fewer modules"
+            "lower --lora_r (or pass --lora_r auto) or target fewer modules"
         )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def check_target_modules(base: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must name Linear layers by their last name(s), as PEFT matches them (`query`, `output.dense`)."""
+    linear = [name for name, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if unknown:
+        raise UsageError(
+            f"--lora_target_modules {unknown} not found in {type(base).__name__}; its Linear modules are "
+            f"{linear_module_names(base)} (a dotted suffix such as 'attention.output.dense' also works)"
+        )
+
+
+def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # marks the classifier head as trainable (modules_to_save) and saves it
+        r=rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.lora_bias,
+        target_modules=list(cfg.lora_target_modules),
+        rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+
+
+def pick_lora_rank(base: PreTrainedModel, cfg: TrainConfig) -> int:
+    """The largest rank whose exact trainable count (LoRA + head + biases) fits --max_trainable_params.
+
+    Each candidate is counted on a weightless copy of the architecture (meta device), so the search is cheap
+    even for large bases; the count is monotonic in the rank, hence a bisection.
+    """
+    def fits(rank: int) -> bool:
+        return lora_trainable_count(base.config, type(base), cfg, rank) <= cfg.max_trainable_params
+
+    if not fits(1):
+        raise UsageError(
+            f"even --lora_r 1 exceeds --max_trainable_params {cfg.max_trainable_params:,} with targets "
+            f"{cfg.lora_target_modules}; target fewer modules or choose a smaller --classifier_head"
+        )
+    low, high = 1, base.config.hidden_size  # fits(low) holds; a rank above the width makes no sense
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def lora_trainable_count(model_config, model_class: type, cfg: TrainConfig, rank: int) -> int:
+    with torch.device("meta"):
+        skeleton = model_class(model_config)
+    replace_head(skeleton, cfg.classifier_head)
+    return count_parameters(get_peft_model(skeleton, lora_config(cfg, rank)))[0]
+
+
+def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters by kind: LoRA (and DoRA magnitudes) per target name, the head, biases."""
+    counts: Counter[str] = Counter()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.split(".")
+        if "modules_to_save" in parts:
+            counts["classifier head"] += param.numel()
+        elif any(p.startswith(("lora_", "lora_magnitude")) for p in parts):
+            owner = parts[: next(i for i, p in enumerate(parts) if p.startswith("lora_"))]
+            target = ".".join(p for p in owner[-3:] if not p.isdigit()).split("layer.")[-1]
+            kind = "DoRA magnitude" if any("magnitude" in p for p in parts) else "LoRA A+B"
+            counts[f"{kind} on {target}"] += param.numel()
+        else:
+            counts["biases" if parts[-1] == "bias" else "other"] += param.numel()
+    return dict(counts)
+
+
+HEAD_FILE = "head.json"
+
+
+class _MaskSlot:
+    """Where the current batch's attention mask waits for the head. PEFT deep-copies the head into
+    `modules_to_save`; sharing (not copying) the slot keeps both copies reading the mask of the same forward."""
+
+    mask: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _MaskSlot:
+        return self
+
+
+class PooledLinearHead(torch.nn.Module):
+    """dropout + one Linear over the first token ('first_token') or the masked token mean ('mean')."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float, slot: _MaskSlot):
+        super().__init__()
+        self.pooling, self.slot = pooling, slot
+        self.dropout = torch.nn.Dropout(dropout)
+        self.out = torch.nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "first_token":
+            pooled = hidden_states[:, 0]
+        else:
+            mask = self.slot.mask
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device) if mask is None else mask
+            mask = mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.out(self.dropout(pooled))
+
+
+def replace_head(base: PreTrainedModel, head: str) -> None:
+    """Swap the base class's head for a PooledLinearHead (in place); 'model' keeps it.
+
+    The head always receives the last hidden states: a BERT-style pooler (dense + tanh over the first token)
+    becomes a pass-through, and the base's own dropout before the head is kept, so the head adds none there.
+    """
+    if head == "model":
+        return
+    if not isinstance(getattr(base, "classifier", None), torch.nn.Module):
+        raise UsageError(
+            f"--classifier_head {head} needs a model whose head is named 'classifier'; "
+            f"{type(base).__name__} has none, use --classifier_head model"
+        )
+    encoder = getattr(base, base.base_model_prefix)
+    has_pooler = getattr(encoder, "pooler", None) is not None
+    if has_pooler:
+        encoder.pooler = torch.nn.Identity()
+    dropout = 0.0 if has_pooler else (getattr(base.config, "classifier_dropout", None) or base.config.hidden_dropout_prob)
+    slot = _MaskSlot()
+    base.classifier = PooledLinearHead(base.config.hidden_size, base.config.num_labels, head, dropout, slot)
+
+    def remember_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        slot.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    base.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+
+def save_head_choice(adapter_dir: Path, head: str) -> None:
+    """Record a non-default head next to the adapter: loading it needs the same head built first."""
+    if head != "model":
+        (Path(adapter_dir) / HEAD_FILE).write_text(json.dumps({"classifier_head": head}) + "\n")
+
+
+def read_head_choice(adapter_dir: Path) -> str:
+    file = Path(adapter_dir) / HEAD_FILE
+    return json.loads(file.read_text())["classifier_head"] if file.is_file() else "model"
 
 
 def enable_gradient_checkpointing(model: PeftModel) -> None:
@@ -107,15 +243,27 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with biases and LayerNorm weights exempt from weight decay."""
-    decay, no_decay = [], []
+def optimizer_param_groups(
+    model: torch.nn.Module, weight_decay: float, head_learning_rate: float | None = None
+) -> list[dict]:
+    """Trainable parameters, with biases and LayerNorm weights exempt from weight decay.
+
+    With `head_learning_rate`, the classifier head (PEFT's `modules_to_save`) gets its own groups at that
+    learning rate; the adapters keep the optimizer's default.
+    """
+    groups: dict[tuple[bool, bool], list] = {(h, e): [] for h in (False, True) for e in (False, True)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        head = head_learning_rate is not None and "modules_to_save" in name
+        groups[head, exempt].append(param)
+    result = [{"params": groups[False, False], "weight_decay": weight_decay},
+              {"params": groups[False, True], "weight_decay": 0.0}]
+    if head_learning_rate is not None:
+        result += [{"params": groups[True, False], "weight_decay": weight_decay, "lr": head_learning_rate},
+                   {"params": groups[True, True], "weight_decay": 0.0, "lr": head_learning_rate}]
+    return result
 
 
 class GradientFlowError(RuntimeError):

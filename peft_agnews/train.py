@@ -55,6 +55,8 @@ from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     GradientFlowError,
     apply_lora,
+    save_head_choice,
+    trainable_breakdown,
     cast_frozen_linear_weights,
     check_gradient_flow,
     count_parameters,
@@ -62,6 +64,7 @@ from peft_agnews.model import (
     load_tokenizer,
     optimizer_param_groups,
 )
+from peft_agnews.objectives import classification_loss
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
@@ -177,6 +180,21 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, plan: Plan):
+    """The learning-rate schedule over `plan.total_steps` optimizer steps, per parameter group."""
+    if cfg.lr_scheduler_type == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=plan.total_steps,
+            # OneCycleLR peaks at step pct_start * total - 1: peak where a linear warmup would (at least step 1).
+            pct_start=min(max(plan.warmup_steps + 1, 2) / plan.total_steps, 0.99),
+        )
+    return get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
+    )
+
+
 def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Under FSDP1, shard LoRA-aware (PEFT's policy): transformer layers (FSDP_TRANSFORMER_CLS_TO_WRAP, set by
     `accelerate launch` from the config, else the model's `_no_split_modules`) and every leaf with trainable
@@ -238,12 +256,16 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator)
     accelerator.print(plan.describe(trainable, total_params))
     if cfg.dry_run:
+        rank = model.peft_config["default"].r
+        accelerator.print(f"LoRA rank {rank}" + (" (auto: largest that fits)" if cfg.lora_r == "auto" else "")
+                          + f", budget {cfg.max_trainable_params:,}; trainable parameters by module:")
+        for name, count in trainable_breakdown(model).items():
+            accelerator.print(f"  {name:<40} {count:>12,}")
         return None
 
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
-    )
+    groups = optimizer_param_groups(model, cfg.weight_decay, cfg.head_learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    scheduler = make_scheduler(cfg, optimizer, plan)
     use_lora_wrap_policy(accelerator, model)
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
@@ -303,6 +325,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter", state_dict=full_state)
+        save_head_choice(out / "adapter", cfg.classifier_head)
         write_run_report(out, cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
         write_json(out / "results.json", results)  # last: its presence marks a finished run
@@ -332,7 +355,7 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
         train_loader.set_epoch(epoch)
         for batch in epoch_batches(accelerator, train_loader, state.batches_in_epoch):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = classification_loss(model, batch, cfg.label_smoothing, cfg.rdrop_alpha)
                 accelerator.backward(loss)
                 loss_sum += loss.detach()  # summed on device: no host sync per micro-batch
                 if accelerator.sync_gradients:

