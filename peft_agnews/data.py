@@ -58,7 +58,9 @@ def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
     if suffix not in _LOADERS:
         raise UsageError(f"{path}: unsupported file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
 
-    if suffix == ".csv" and _is_canonical_agnews(_check_readable_text(path)):
+    # Text formats are decoded once, up front: a non-UTF-8 file fails here with the byte offset.
+    first_line = _check_readable_text(path) if suffix in (".csv", ".jsonl", ".json") else ""
+    if suffix == ".csv" and _is_canonical_agnews(first_line):
         raw = _raw_dataset(
             path,
             column_names=CANONICAL_COLUMNS,
@@ -67,8 +69,6 @@ def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
             keep_default_na=False,
         )
         return _validate(_from_canonical(raw, path, len(label_names)), path, label_names)
-    if suffix in (".csv", ".jsonl", ".json"):
-        _check_readable_text(path)
     raw = _raw_dataset(path, **({"keep_default_na": False} if suffix == ".csv" else {}))
     missing = [c for c in ("text", "label") if c not in raw.column_names]
     if missing:
