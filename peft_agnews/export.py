@@ -11,6 +11,8 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from peft_agnews.model import save_head_choice
+
 LABELS_FILE = "labels.json"
 
 
@@ -20,8 +22,10 @@ def save_adapter(
     label_names: list[str],
     out_dir: Path,
     state_dict: dict[str, Any] | None = None,
+    classifier_head: str = "model",
 ) -> None:
-    """Adapter weights (safetensors) + adapter config + tokenizer + label names, swapped in as one rename.
+    """Adapter weights (safetensors) + adapter config + tokenizer + label names (+ head.json for a non-default
+    `classifier_head`), swapped in as one rename.
 
     `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
     PEFT keeps only the adapter and head entries of it."""
@@ -30,6 +34,7 @@ def save_adapter(
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
+    save_head_choice(tmp, classifier_head)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

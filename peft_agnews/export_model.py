@@ -21,6 +21,7 @@ from peft_agnews.cli import parse_args, run_entry
 from peft_agnews.errors import UsageError
 from peft_agnews.export import save_adapter
 from peft_agnews.inference import ModelArgs, check_output_path, load_classifier, option
+from peft_agnews.model import read_head_choice
 from peft_agnews.model_card import CARD_FILE, merged_card, write_card
 
 
@@ -45,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise UsageError("export needs --adapter_dir (the adapter to merge or copy)")
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise UsageError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
+    head = read_head_choice(Path(model_args.adapter_dir))
+    if args.merge and head != "model":
+        raise UsageError(
+            f"--merge needs the base class's own head, but this adapter was trained with --classifier_head {head} "
+            "(a plain Transformers model cannot hold it); export without --merge and load it with peft-agnews"
+        )
     out = Path(args.output_dir)
     check_output_path(out, args.overwrite, folder=True)
     classifier = load_classifier(model_args)
@@ -55,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         save_adapter(model, classifier.tokenizer, classifier.label_names, out)
         write_card(out, merged_card(classifier.base_model, adapter_dir, classifier.label_names, model_args.max_length))
     else:
-        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out)
+        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out, classifier_head=head)
         if (adapter_dir / CARD_FILE).is_file():
             shutil.copyfile(adapter_dir / CARD_FILE, out / CARD_FILE)
     print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")

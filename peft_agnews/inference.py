@@ -29,7 +29,7 @@ from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.evaluation import predict_logits
 from peft_agnews.export import LABELS_FILE, read_label_names
-from peft_agnews.model import _first_line
+from peft_agnews.model import _first_line, read_head_choice, replace_head
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -105,6 +105,8 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
     )
+    # A head other than the base class's own (recorded in head.json by training) must be built before loading.
+    replace_head(base, read_head_choice(adapter_dir))
     check_adapter_fits(base, adapter_dir, base_name, trained_on, len(names))
     if trained_on and Path(trained_on).name != Path(base_name).name:
         # Shapes fit, but a same-shaped base with other weights cannot be told apart: say what was assumed.

@@ -55,7 +55,6 @@ from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     GradientFlowError,
     apply_lora,
-    save_head_choice,
     trainable_breakdown,
     cast_frozen_linear_weights,
     check_gradient_flow,
@@ -324,8 +323,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter", state_dict=full_state)
-        save_head_choice(out / "adapter", cfg.classifier_head)
+        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
+                     classifier_head=cfg.classifier_head)
         write_run_report(out, cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
         write_json(out / "results.json", results)  # last: its presence marks a finished run
