@@ -52,6 +52,10 @@ class TrainConfig:
     )
     lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _opt(0.2, "Dropout on the LoRA input.")
+    model_dropout: float | None = _opt(
+        None, "Set every dropout inside the base model and head (hidden, attention, classifier) to this rate; "
+        "unset keeps the model's own. 0 makes CPU training ~1.3x faster.",
+    )
     lora_bias: Literal["none", "all", "lora_only"] = _opt("lora_only", "Which biases to train.")
     lora_target_modules: list[str] = _opt(["query", "value"], "Module names that get LoRA adapters.")
     lora_rank_pattern: list[str] = _opt(
@@ -141,6 +145,8 @@ class TrainConfig:
             (0 < self.validation_split < 1, "--validation_split must be in (0, 1)"),
             (self.lora_r == "auto" or self.lora_r >= 1, "--lora_r must be >= 1 or 'auto'"),
             (0 <= self.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+            (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+            (self.model_dropout is None or 0 <= self.model_dropout < 1, "--model_dropout must be in [0, 1)"),
             (self.rdrop_alpha >= 0, "--rdrop_alpha must be >= 0"),
             (self.head_learning_rate is None or self.head_learning_rate > 0, "--head_learning_rate must be > 0"),
             (self.max_length >= 8, "--max_length must be >= 8"),

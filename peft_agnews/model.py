@@ -47,6 +47,8 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     """Wrap `base` with LoRA on `cfg.lora_target_modules`; the classifier head is trained and saved with it."""
     check_target_modules(base, cfg.lora_target_modules + list(rank_pattern_dict(cfg.lora_rank_pattern)))
     replace_head(base, cfg.classifier_head)
+    if cfg.model_dropout is not None:
+        set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
     model = get_peft_model(base, lora_config(cfg, rank))
     trainable, _ = count_parameters(model)
@@ -163,6 +165,15 @@ class PooledLinearHead(torch.nn.Module):
             mask = mask.to(hidden_states.dtype).unsqueeze(-1)
             pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
         return self.out(self.dropout(pooled))
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> int:
+    """Set every nn.Dropout in `model` to `rate` (attention dropout included: transformers' attention
+    functions read the rate from their nn.Dropout); returns how many were set."""
+    layers = [mod for mod in model.modules() if isinstance(mod, torch.nn.Dropout)]
+    for layer in layers:
+        layer.p = rate
+    return len(layers)
 
 
 def replace_head(base: PreTrainedModel, head: str) -> None:

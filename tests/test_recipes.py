@@ -30,6 +30,7 @@ RECIPES = REPO / "recipes"
 OPTIONS_OFF = {
     "lora_rank_pattern": [], "use_rslora": False, "use_dora": False, "classifier_head": "model",
     "head_learning_rate": None, "label_smoothing": 0.0, "rdrop_alpha": 0.0, "lr_scheduler_type": "linear",
+    "model_dropout": None,
 }
 BATCH = {
     "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1], [0, 11, 2, 1, 1]]),
@@ -293,3 +294,53 @@ def test_ensemble_refuses_adapters_of_different_heads(two_adapters, tmp_path, ca
     (other / "head.json").unlink()
     assert main(["--adapter_dirs", str(two_adapters[0]), str(other), "--test_file", "x.csv"]) == 2
     assert "differ in classifier head" in capsys.readouterr().err
+
+
+# --- model dropout --------------------------------------------------------------------------------------------
+
+def test_model_dropout_sets_every_dropout_and_zero_makes_training_forwards_deterministic(tiny_model_dir):
+    default = tiny(tiny_model_dir).train()
+    assert any(m.p > 0 for m in default.modules() if isinstance(m, torch.nn.Dropout))  # the base has dropout...
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    assert not torch.equal(default(**inputs).logits, default(**inputs).logits)  # ...so two passes differ
+    off = tiny(tiny_model_dir, model_dropout=0.0, classifier_head="mean").train()
+    rates = [m.p for m in off.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and set(rates) == {0.0}  # hidden, attention and head dropout alike (LoRA dropout is --lora_dropout)
+    torch.testing.assert_close(off(**inputs).logits, off(**inputs).logits, rtol=0, atol=0)
+    assert {m.p for m in tiny(tiny_model_dir, model_dropout=0.3).modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
+@pytest.mark.parametrize("argv", [["--model_dropout", "1"], ["--model_dropout", "-0.1"], ["--lora_dropout", "1.5"]])
+def test_dropout_rates_outside_0_1_are_refused(argv):
+    with pytest.raises(UsageError, match="must be in \\[0, 1\\)"):
+        parse_config(argv)
+
+
+# --- a non-default head outside training ----------------------------------------------------------------------
+
+def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapters):
+    from peft_agnews.ensemble import load_member
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    assert json.loads((two_adapters[0] / "head.json").read_text()) == {"classifier_head": "mean"}
+    loaded = load_classifier(ModelArgs(adapter_dir=str(two_adapters[0]))).model
+    assert type(loaded.base_model.model.classifier.original_module).__name__ == "PooledLinearHead"
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**inputs).logits, load_member(str(two_adapters[0]))(**inputs).logits)
+
+
+def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapters, tmp_path, capsys):
+    from peft_agnews.export_model import cli as export_cli
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    copy = tmp_path / "copy"
+    assert export_cli(["--adapter_dir", str(two_adapters[0]), "--output_dir", str(copy)]) == 0
+    assert json.loads((copy / "head.json").read_text()) == {"classifier_head": "mean"}
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    with torch.inference_mode():
+        torch.testing.assert_close(load_classifier(ModelArgs(adapter_dir=str(copy))).model(**inputs).logits,
+                                   load_classifier(ModelArgs(adapter_dir=str(two_adapters[0]))).model(**inputs).logits)
+    merged = tmp_path / "merged"
+    assert export_cli(["--adapter_dir", str(two_adapters[0]), "--merge", "--output_dir", str(merged)]) == 2
+    assert "--merge needs the base class's own head" in capsys.readouterr().err and not merged.exists()
