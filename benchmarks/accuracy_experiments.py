@@ -60,8 +60,8 @@ FINAL = {
 # the base's own dropout back on shows what dropping it (1.5x faster on this CPU) costs in accuracy.
 FULL = {
     **FINAL,
-    "proxy-minilm.yaml with dropout 0.1 (model and LoRA)": {**FINAL["proxy-minilm.yaml"], "model_dropout": 0.1,
-                                                            "lora_dropout": 0.1},
+    "proxy recipe with dropout 0.1 (model and LoRA)": {**FINAL["proxy-minilm.yaml"], "model_dropout": 0.1,
+                                                       "lora_dropout": 0.1},
 }
 MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL}
 
