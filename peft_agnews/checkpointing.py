@@ -13,6 +13,7 @@ A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while tr
 
 Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then renamed, so a folder named
 `step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips.
+`TrainState` is the loop's counters and best weights: what trainer_state.json and best.safetensors hold.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import signal
 import threading
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -343,3 +345,31 @@ def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_ste
         f"(best adapter so far: step {best_step}, in its {BEST_FILE}); "
         "lower --learning_rate or check the data, then start again"
     )
+
+
+@dataclass
+class TrainState:
+    """Loop counters; all but best_weights and samples_seen go into checkpoints (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: where a resumed run continues
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0  # fp16 grad-scaler overflow steps
+    early_stopped: bool = False
+    tracker_run_id: str | None = None
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
+    best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+    samples_seen: int = 0  # this session only, for throughput
+
+    def counters(self) -> dict:
+        excluded = ("best_weights", "best_predictions", "samples_seen")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in excluded}
+
+    @classmethod
+    def restore(cls, counters: dict, best_weights: dict[str, torch.Tensor]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)

@@ -17,7 +17,8 @@ from conftest import accelerate_launch, tiny_train_args
 from peft_agnews.batching import LengthGroupedSampler
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
-from peft_agnews.train import Plan, cli
+from peft_agnews.plan import Plan
+from peft_agnews.train import cli
 
 STEPS = 4
 GLOBAL_BATCH = 32

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassification
 
-from conftest import REPO, synthetic_rows, tiny_train_args, write_canonical_csv
+from conftest import REPO, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.model import (
@@ -180,7 +180,7 @@ def test_head_learning_rate_puts_exactly_the_head_in_its_own_groups(tiny_model_d
 
 @pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
 def test_schedules_warm_up_then_decay(tiny_model_dir, schedule):
-    from peft_agnews.train import Plan, make_scheduler
+    from peft_agnews.plan import Plan, make_scheduler
 
     model = tiny(tiny_model_dir)
     cfg = TrainConfig(lr_scheduler_type=schedule, learning_rate=1e-3, head_learning_rate=2e-3, warmup_ratio=0.2)

@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import LABELS, accelerate_launch, run_cli, tiny_train_args
-from peft_agnews.train import Plan, cli
+from peft_agnews.train import cli
 
 
 def read_jsonl(path):
@@ -135,24 +135,6 @@ def test_budget_overrun_is_refused_before_training(tiny_model_dir, synthetic_tra
 def test_finished_output_dir_is_not_overwritten_by_accident(trained_run, tiny_model_dir, synthetic_train_csv, capsys):
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, trained_run)) == 2
     assert "already holds a finished run" in capsys.readouterr().err
-
-
-def test_plan_counts_optimizer_steps_for_any_process_count():
-    from accelerate import Accelerator
-
-    class Fake:
-        num_processes = 2
-        mixed_precision = "no"
-
-    from peft_agnews.config import TrainConfig
-
-    cfg = TrainConfig(per_device_train_batch_size=32, gradient_accumulation_steps=4, num_train_epochs=6)
-    plan = Plan.build(cfg, train_examples=108_000, eval_examples=12_000, accelerator=Fake())
-    # 3375 batches of 32 -> 1688 per process -> 422 optimizer steps per epoch.
-    assert (plan.batches_per_process, plan.steps_per_epoch, plan.total_steps) == (1688, 422, 2532)
-    assert plan.warmup_steps == 254 and plan.effective_batch == 256
-    single = Plan.build(cfg, 108_000, 12_000, Accelerator(cpu=True))
-    assert (single.steps_per_epoch, single.total_steps, single.effective_batch) == (844, 5064, 128)
 
 
 @pytest.mark.slow
