@@ -24,3 +24,14 @@ def test_train_throughput_benchmark_runs_both_loops(tiny_model_dir, synthetic_tr
     rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
     for row in rows.values():
         assert row["samples_s"] > 0 and 0 < row["pad_eff"] <= 1 and row["eval_samples_s"] > 0
+
+
+@pytest.mark.slow
+def test_step_time_benchmark_times_each_variant_in_its_own_process():
+    proc = run_cli([sys.executable, "benchmarks/step_time.py", "--variants", "dropout,no_dropout", "--batch_size", "2",
+                    "--seq_len", "8", "--steps", "1"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| dropout", "| no_dropout"))]
+    assert [r[1].strip() for r in rows] == ["dropout", "no_dropout"] and all(float(r[3]) > 0 for r in rows)
+    bad = run_cli([sys.executable, "benchmarks/step_time.py", "--variants", "fast"])
+    assert bad.returncode != 0 and "unknown variant 'fast'" in bad.stderr
