@@ -135,6 +135,7 @@ def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 HEAD_FILE = "head.json"
+HEADS = ("model", "first_token", "mean")
 
 
 class _MaskSlot:
@@ -210,8 +211,18 @@ def save_head_choice(adapter_dir: Path, head: str) -> None:
 
 
 def read_head_choice(adapter_dir: Path) -> str:
+    """The head an adapter was trained with ('model' when no head.json); a damaged head.json is a UsageError."""
     file = Path(adapter_dir) / HEAD_FILE
-    return json.loads(file.read_text())["classifier_head"] if file.is_file() else "model"
+    if not file.is_file():
+        return "model"
+    try:
+        head = json.loads(file.read_text())["classifier_head"]
+    except (ValueError, KeyError, TypeError):
+        head = None
+    if head not in HEADS:
+        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(HEADS)}}}); "
+                         "restore it from the training run's adapter folder")
+    return head
 
 
 def enable_gradient_checkpointing(model: PeftModel) -> None:

@@ -344,3 +344,16 @@ def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapt
     merged = tmp_path / "merged"
     assert export_cli(["--adapter_dir", str(two_adapters[0]), "--merge", "--output_dir", str(merged)]) == 2
     assert "--merge needs the base class's own head" in capsys.readouterr().err and not merged.exists()
+
+
+def test_a_damaged_head_json_is_one_clear_error(two_adapters, tmp_path, capsys):
+    import shutil
+
+    from peft_agnews.evaluate import cli as evaluate_cli
+
+    damaged = tmp_path / "adapter"
+    shutil.copytree(two_adapters[0], damaged)
+    (damaged / "head.json").write_text('{"classifier_head": "attention"}')
+    assert evaluate_cli(["--adapter_dir", str(damaged), "--test_file", "unused.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "head.json is damaged" in err and "Traceback" not in err
