@@ -50,6 +50,8 @@ ABLATION = {
     "D: C + LoRA on all 6 linear kinds": {**REFERENCE, **STEP_D},
     "E: D + cosine + label smoothing 0.1": {**REFERENCE, **STEP_E},
     "F: E + no dropout (= proxy-minilm.yaml, 1 epoch)": {**REFERENCE, **STEP_F},
+    "F + rsLoRA": {**REFERENCE, **STEP_F, "use_rslora": "true"},
+    "F + DoRA": {**REFERENCE, **STEP_F, "use_dora": "true"},
     "E + rsLoRA": {**REFERENCE, **STEP_E, "use_rslora": "true"},
     "E + DoRA": {**REFERENCE, **STEP_E, "use_dora": "true"},
     "E + one-cycle": {**REFERENCE, **STEP_E, "lr_scheduler_type": "one_cycle"},
