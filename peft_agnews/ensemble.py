@@ -18,11 +18,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from peft_agnews.config import TrainConfig
 from peft_agnews.data import read_labelled_file
 from peft_agnews.errors import UsageError
 from peft_agnews.export import read_label_names
-from peft_agnews.model import load_base_model, read_head_choice, replace_head
+from peft_agnews.inference import ModelArgs, load_classifier
+from peft_agnews.model import read_head_choice
 
 
 def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:
@@ -41,11 +41,8 @@ def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:
 
 
 def load_member(adapter_dir: str) -> PeftModel:
-    """The base with one adapter (and its head) attached, in eval mode."""
-    base_name, label_names, head = check_members([adapter_dir])
-    base = load_base_model(TrainConfig(model_name_or_path=base_name, label_names=label_names))
-    replace_head(base, head)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    """The base with one adapter (and its recorded head) attached, in eval mode: the loader evaluate/predict use."""
+    return load_classifier(ModelArgs(adapter_dir=adapter_dir)).model
 
 
 @torch.inference_mode()

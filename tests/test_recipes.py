@@ -318,16 +318,22 @@ def test_dropout_rates_outside_0_1_are_refused(argv):
 
 # --- a non-default head outside training ----------------------------------------------------------------------
 
-def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapters):
-    from peft_agnews.ensemble import load_member
+def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapters, tiny_model_dir):
+    from peft import PeftModel
+
     from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.model import replace_head
 
     assert json.loads((two_adapters[0] / "head.json").read_text()) == {"classifier_head": "mean"}
     loaded = load_classifier(ModelArgs(adapter_dir=str(two_adapters[0]))).model
     assert type(loaded.base_model.model.classifier.original_module).__name__ == "PooledLinearHead"
     inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    # Reference: the head built by hand, then plain PEFT loading (what the README tells users to do).
+    base = load_base_model(TrainConfig(model_name_or_path=str(tiny_model_dir)))
+    replace_head(base, "mean")
+    by_hand = PeftModel.from_pretrained(base, two_adapters[0]).eval()
     with torch.inference_mode():
-        torch.testing.assert_close(loaded(**inputs).logits, load_member(str(two_adapters[0]))(**inputs).logits)
+        torch.testing.assert_close(loaded(**inputs).logits, by_hand(**inputs).logits)
 
 
 def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapters, tmp_path, capsys):
