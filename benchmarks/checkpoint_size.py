@@ -47,7 +47,7 @@ def main() -> None:
 
     cfg = TrainConfig()  # the reference recipe
     base = AutoModelForSequenceClassification.from_config(
-        AutoConfig.from_pretrained(opts.config, num_labels=len(cfg.label_names))
+        AutoConfig.from_pretrained(opts.config, num_labels=len(cfg.resolved_label_names()))
     )
     model = apply_lora(base, cfg)
     trainable, total = count_parameters(model)

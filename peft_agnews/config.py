@@ -36,11 +36,22 @@ class TrainConfig:
     model_name_or_path: str = _opt("roberta-base", "Base model: a Hub id or a local folder.")
     tokenizer_name: str | None = _opt(None, "Tokenizer: a Hub id or local folder (default: the model's).")
     # Data
-    dataset_name: str | None = _opt("ag_news", "Hub dataset, used when --train_file is not given.")
+    dataset_name: str | None = _opt("ag_news", "Hub dataset (or a local dataset folder), used when --train_file is not given.")
+    dataset_config_name: str | None = _opt(None, "Configuration of --dataset_name (for datasets that have several).")
+    text_column_names: list[str] = _opt(
+        ["text"], "Column(s) of --dataset_name holding the text; several are joined with a space (e.g. title description)."
+    )
+    label_column_name: str = _opt("label", "Column of --dataset_name holding the class.")
+    evaluate_test_split: bool = _opt(
+        True, "Score the best adapter on --dataset_name's 'test' split at the end, when it has one."
+    )
     train_file: str | None = _opt(None, "Local training file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
     validation_file: str | None = _opt(None, "Local validation file (default: a stratified split of train).")
     test_file: str | None = _opt(None, "Labelled test file: the best adapter is scored on it at the end.")
-    label_names: list[str] = _opt(AG_NEWS_LABELS, "Class names, in label-id order.")
+    label_names: list[str] | None = _opt(
+        None, "Class names, in label-id order (default: the dataset's ClassLabel names, else AG News's four: "
+        + " ".join(AG_NEWS_LABELS) + ")."
+    )
     validation_split: float = _opt(0.1, "Fraction of train held out (stratified) when no validation file is given.")
     max_length: int = _opt(128, "Truncate inputs to this many tokens.")
     group_by_length: bool = _opt(True, "Batch rows of similar length together (shuffled length groups).")
@@ -95,7 +106,12 @@ class TrainConfig:
     )
     warmup_ratio: float = _opt(0.1, "Fraction of optimizer steps spent warming up.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
-        "auto", "Precision: 'auto' takes the Accelerate config, else fp16 on GPU and fp32 on CPU."
+        "auto", "Precision: 'auto' takes fp16/bf16 from an Accelerate config or launcher flag, else picks bf16 on GPUs "
+        "that support it, fp16 on older GPUs, bf16 on CPUs with AVX512-BF16 or AMX, fp32 otherwise; 'no' forces fp32.",
+    )
+    num_threads: int = _opt(
+        0, "CPU threads per process; 0: $OMP_NUM_THREADS if you set it, else the physical cores divided among the "
+        "processes on this machine (launchers' injected OMP_NUM_THREADS=1 is ignored).",
     )
     cast_frozen_weights: bool = _opt(
         True, "Under fp16/bf16, keep the frozen base Linear weights in that dtype (same math, no per-step casts)."
@@ -118,8 +134,10 @@ class TrainConfig:
         "W&B mode. 'wandb': $WANDB_MODE if set, else online with an API key, offline without; "
         "'online'/'offline' force that mode; 'disabled'/'none': no tracking.",
     )
-    wandb_project: str = _opt("peft-agnews", "W&B project.")
-    wandb_entity: str | None = _opt(None, "W&B entity (user or team; default: the key's default entity).")
+    wandb_project: str | None = _opt(None, "W&B project (default: $WANDB_PROJECT, else peft-agnews).")
+    wandb_entity: str | None = _opt(
+        None, "W&B entity, a user or team (default: $WANDB_ENTITY, else the key's default entity)."
+    )
     wandb_group: str | None = _opt(None, "W&B group: gathers related runs (a sweep, repeated seeds) in the UI.")
     wandb_tags: list[str] = _opt([], "W&B tags (space- or comma-separated).")
     run_name: str | None = _opt(None, "W&B run name.")
@@ -129,6 +147,7 @@ class TrainConfig:
         # W&B sweep agents pass lists as one `--name=a,b` argument.
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         self.wandb_tags = _split_commas(self.wandb_tags)
+        self.text_column_names = _split_commas(self.text_column_names)
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
         self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
         self.lora_r = _parse_rank(self.lora_r)
@@ -154,13 +173,20 @@ class TrainConfig:
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
             (self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0 (0 turns it off)"),
-            (len(self.label_names) >= 2, "--label_names needs at least two classes"),
-            (len(set(self.label_names)) == len(self.label_names), "--label_names must be distinct"),
+            (self.label_names is None or len(self.label_names) >= 2, "--label_names needs at least two classes"),
+            (self.label_names is None or len(set(self.label_names)) == len(self.label_names),
+             "--label_names must be distinct"),
+            (len(self.text_column_names) >= 1, "--text_column_names needs at least one column"),
+            (self.num_threads >= 0, "--num_threads must be >= 0 (0: all physical cores)"),
             (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"invalid config: {message}")
+
+    def resolved_label_names(self, dataset_names: list[str] | None = None) -> list[str]:
+        """The class names: --label_names, else the dataset's ClassLabel names, else AG News's."""
+        return list(self.label_names or dataset_names or AG_NEWS_LABELS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

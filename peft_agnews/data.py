@@ -143,31 +143,79 @@ def _validate(ds: Dataset, path: Path, label_names: list[str]) -> Dataset:
 
 
 def _load_hub(cfg: TrainConfig) -> DatasetDict:
+    """`load_dataset(--dataset_name, --dataset_config_name)`: a Hub dataset or a local dataset folder."""
     try:
-        hub = load_dataset(cfg.dataset_name)
+        hub = load_dataset(cfg.dataset_name, cfg.dataset_config_name)
     except Exception as err:
         raise UsageError(
-            f"could not load dataset '{cfg.dataset_name}' from the Hub ({type(err).__name__}); "
-            "check the name and your connection, or pass local files with --train_file"
+            f"could not load dataset '{cfg.dataset_name}' from the Hub ({type(err).__name__}); check the name "
+            "(and --dataset_config_name) and your connection, or pass local files with --train_file"
         ) from None
-    if "train" not in hub or not {"text", "label"} <= set(hub["train"].column_names):
-        raise UsageError(f"dataset '{cfg.dataset_name}' needs a 'train' split with 'text' and 'label' columns")
+    if "train" not in hub:
+        raise UsageError(f"dataset '{cfg.dataset_name}' has no 'train' split (it has {list(hub)}); pass --train_file")
+    if cfg.label_column_name in cfg.text_column_names:
+        raise UsageError(f"--label_column_name {cfg.label_column_name} is also one of --text_column_names")
+    missing = [c for c in _hub_columns(cfg) if c not in hub["train"].column_names]
+    if missing:
+        raise UsageError(
+            f"dataset '{cfg.dataset_name}' has no column(s) {missing} (it has {hub['train'].column_names}); "
+            "name the text with --text_column_names and the class with --label_column_name"
+        )
     return hub
 
 
+def _hub_columns(cfg: TrainConfig) -> list[str]:
+    return [*cfg.text_column_names, cfg.label_column_name]
+
+
+def _hub_split(split: Dataset, cfg: TrainConfig, names: list[str], where: Path) -> Dataset:
+    """One split of a `load_dataset` dataset as validated `text`/`label` columns: the text columns joined with a
+    space (as transformers' run_classification.py does), the label column renamed."""
+    split = split.select_columns(_hub_columns(cfg))
+    if cfg.text_column_names != ["text"]:
+        columns = cfg.text_column_names
+
+        def join(batch: dict) -> dict:
+            rows = zip(*(batch[c] for c in columns))
+            return {"text": [" ".join(str(v) for v in row if v is not None).strip() for row in rows]}
+
+        split = split.map(join, batched=True, remove_columns=columns, desc="join text columns")
+    if cfg.label_column_name != "label":
+        split = split.rename_column(cfg.label_column_name, "label")
+    split = split.select_columns(["text", "label"])
+    return _validate(_labels_to_ids(split, where, names), where, names)
+
+
+def _is_labelled(split: Dataset, cfg: TrainConfig) -> bool:
+    """False for test splits published without labels (GLUE-style: no label column, or ClassLabel id -1)."""
+    if cfg.label_column_name not in split.column_names:
+        return False
+    return not isinstance(split.features[cfg.label_column_name], ClassLabel) or min(split[cfg.label_column_name]) >= 0
+
+
 def load_splits(cfg: TrainConfig) -> DatasetDict:
-    """Build the train / validation (/ test) splits the run will use, every row validated."""
-    names = cfg.label_names
+    """Build the train / validation (/ test) splits the run will use, every row validated.
+
+    With --dataset_name, its 'validation' split is used when it has one (else a stratified split of train), and
+    its labelled 'test' split is scored at the end (--evaluate_test_split). Class names come from --label_names,
+    else the dataset's ClassLabel, else AG News's; the returned splits carry them as a ClassLabel `label`."""
+    hub = None
     if cfg.train_file:
+        names = cfg.resolved_label_names()
         train = read_labelled_file(cfg.train_file, names)
     else:
-        train = _load_hub(cfg)["train"].select_columns(["text", "label"])
-        train = _validate(_labels_to_ids(train, Path(cfg.dataset_name), names), Path(cfg.dataset_name), names)
+        hub = _load_hub(cfg)
+        feature = hub["train"].features[cfg.label_column_name]
+        names = cfg.resolved_label_names(feature.names if isinstance(feature, ClassLabel) else None)
+        train = _hub_split(hub["train"], cfg, names, Path(cfg.dataset_name))
 
     splits = {}
     if cfg.validation_file:
         splits["train"] = train
         splits["validation"] = read_labelled_file(cfg.validation_file, names)
+    elif hub is not None and "validation" in hub and _is_labelled(hub["validation"], cfg):
+        splits["train"] = train
+        splits["validation"] = _hub_split(hub["validation"], cfg, names, Path(cfg.dataset_name, "validation"))
     else:
         try:
             parts = train.train_test_split(
@@ -181,6 +229,8 @@ def load_splits(cfg: TrainConfig) -> DatasetDict:
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     if cfg.test_file:
         splits["test"] = read_labelled_file(cfg.test_file, names)
+    elif hub is not None and cfg.evaluate_test_split and "test" in hub and _is_labelled(hub["test"], cfg):
+        splits["test"] = _hub_split(hub["test"], cfg, names, Path(cfg.dataset_name, "test"))
 
     if cfg.max_train_samples is not None:
         splits["train"] = _head(splits["train"], cfg.max_train_samples, cfg.seed)

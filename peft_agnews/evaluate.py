@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output = Path(args.output_file) if args.output_file else default_output(model_args, args.test_file)
     check_output_path(output, args.overwrite)
     classifier = load_classifier(model_args)
-    with inference_accelerator() as accelerator:
+    with inference_accelerator(model_args.num_threads) as accelerator:
         with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
             data = read_labelled_file(args.test_file, classifier.label_names)
         logits, labels = score_texts(classifier, data["text"], data["label"], accelerator, model_args)

@@ -29,12 +29,14 @@ from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.evaluation import predict_logits
 from peft_agnews.export import LABELS_FILE, read_label_names
+from peft_agnews.hardware import apply_num_threads
 from peft_agnews.model import _first_line, read_head_choice, replace_head
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _RECIPE = {f.name: f.default for f in fields(TrainConfig)}
+_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
 def option(default, help: str):
@@ -53,12 +55,15 @@ class ModelArgs:
     label_names: list[str] | None = option(None, "Class names in id order (default: labels.json or the model config).")
     per_device_eval_batch_size: int = option(_RECIPE["per_device_eval_batch_size"], "Rows per batch per process.")
     max_length: int = option(_RECIPE["max_length"], "Truncate inputs to this many tokens (use the training value).")
+    num_threads: int = option(_RECIPE["num_threads"], _HELP["num_threads"])
 
     def __post_init__(self) -> None:
         if not self.adapter_dir and not self.model_name_or_path:
             raise UsageError("give --adapter_dir (a trained adapter) or --model_name_or_path (a merged model)")
         if self.per_device_eval_batch_size < 1 or self.max_length < 8:
             raise UsageError("--per_device_eval_batch_size must be >= 1 and --max_length >= 8")
+        if self.num_threads < 0:
+            raise UsageError("--num_threads must be >= 0 (0: all physical cores)")
 
 
 @dataclass
@@ -188,8 +193,10 @@ def _tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
 
 
 @contextmanager
-def inference_accelerator() -> Iterator[Accelerator]:
-    """An Accelerator for scoring; torn down cleanly so gloo process groups never abort at exit."""
+def inference_accelerator(num_threads: int = 0) -> Iterator[Accelerator]:
+    """An Accelerator for scoring, on `num_threads` CPU threads per process (0: see `resolve_num_threads`); torn
+    down cleanly so gloo process groups never abort at exit."""
+    apply_num_threads(num_threads)
     # As in training: several ranks launched on a machine without an accelerator join one gloo group on CPU.
     distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(cpu=distributed_on_cpu)

@@ -24,7 +24,7 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
 
 def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
     """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`."""
-    labels = cfg.label_names
+    labels = cfg.resolved_label_names()
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             cfg.model_name_or_path,

@@ -65,7 +65,8 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict) -> str:
     rows = [(f"validation (best step {results['best_step']} of {results['global_step']})", validation)]
     if "test_accuracy" in results:
         test = {key: results[f"test_{key}"] for key in ("accuracy", "f1_macro", "loss")}
-        rows.append((f"test (`{cfg.test_file}`)", {**test, "num_examples": results["test_examples"]}))
+        source = f"`{cfg.test_file}`" if cfg.test_file else f"the `{cfg.dataset_name}` test split"
+        rows.append((f"test ({source})", {**test, "num_examples": results["test_examples"]}))
     effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * results["num_processes"]
     return f"""{_header(cfg.model_name_or_path, "peft", names)}
 # LoRA text classifier on {cfg.model_name_or_path}

@@ -28,9 +28,13 @@ class Plan:
     per_device_batch: int
     accumulation_steps: int
     mixed_precision: str
+    num_threads: int = 1
+    test_examples: int = 0
 
     @classmethod
-    def build(cls, cfg: TrainConfig, train_examples: int, eval_examples: int, accelerator: Accelerator) -> Plan:
+    def build(
+        cls, cfg: TrainConfig, train_examples: int, eval_examples: int, accelerator: Accelerator, test_examples: int = 0
+    ) -> Plan:
         procs = accelerator.num_processes
         # Accelerate gives every process the same number of batches (the last ones padded by repetition).
         batches = math.ceil(math.ceil(train_examples / cfg.per_device_train_batch_size) / procs)
@@ -49,17 +53,20 @@ class Plan:
             per_device_batch=cfg.per_device_train_batch_size,
             accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=accelerator.mixed_precision,
+            num_threads=torch.get_num_threads(),
+            test_examples=test_examples,
         )
 
     def describe(self, trainable: int, total_params: int) -> str:
         return (
             f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f}%)\n"
-            f"plan: {self.train_examples:,} train / {self.eval_examples:,} validation examples; "
+            f"plan: {self.train_examples:,} train / {self.eval_examples:,} validation"
+            + (f" / {self.test_examples:,} test" if self.test_examples else "") + " examples; "
             f"{self.num_processes} process(es), effective batch {self.effective_batch} "
             f"(= {self.per_device_batch} per device x {self.accumulation_steps} accumulation x "
             f"{self.num_processes} process(es)); "
             f"{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch, {self.num_epochs} epoch(s)), "
-            f"{self.warmup_steps} warmup; precision {self.mixed_precision}"
+            f"{self.warmup_steps} warmup; precision {self.mixed_precision}; {self.num_threads} CPU thread(s) per process"
         )
 
     def shape(self, cfg: TrainConfig) -> dict:

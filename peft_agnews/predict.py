@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     check_output_path(output, args.overwrite)
     ids, texts = read_unlabelled(args)
     classifier = load_classifier(model_args)
-    with inference_accelerator() as accelerator:
+    with inference_accelerator(model_args.num_threads) as accelerator:
         logits, _ = score_texts(classifier, texts, None, accelerator, model_args)
         frame = predictions_frame(ids, logits, classifier.label_names, args)
         if accelerator.is_main_process:

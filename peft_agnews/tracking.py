@@ -8,6 +8,7 @@ The files in `<output_dir>` hold everything the W&B run shows, so nothing depend
 
 from __future__ import annotations
 
+import configparser
 import json
 import netrc
 import os
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import torch
 from accelerate import Accelerator
@@ -25,18 +27,35 @@ from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.export import write_json
 
-WANDB_HOST = "api.wandb.ai"
+DEFAULT_PROJECT = "peft-agnews"
+CLOUD_URL = "https://api.wandb.ai"
 # wandb itself still accepts these legacy WANDB_MODE spellings.
 MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "wandb")
 
 
+def wandb_base_url() -> str:
+    """The W&B server: $WANDB_BASE_URL, else the host `wandb login --host` saved in W&B's settings file, else the
+    cloud. Read the way wandb reads it, so a self-hosted server's login is found where wandb will look."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser() / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(settings)
+    except (OSError, configparser.Error):
+        return CLOUD_URL
+    return parser.get("default", "base_url", fallback=CLOUD_URL)
+
+
 def wandb_key_configured() -> bool:
-    """True when W&B has credentials (env or ~/.netrc). Only presence is checked; the key is never read out."""
+    """True when W&B has credentials for its server: WANDB_API_KEY, or a netrc entry ($NETRC, else ~/.netrc) for
+    that server's host, as `wandb login [--host]` writes. Only presence is checked; the key is never read out."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlsplit(wandb_base_url()).netloc
     try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
+        return bool(host) and netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
@@ -164,13 +183,16 @@ class RunLogger:
         if self.mode is None:
             return
         init: dict[str, Any] = {"mode": self.mode, "dir": str(self.output_dir.resolve())}
-        optional = {"entity": cfg.wandb_entity, "group": cfg.wandb_group, "name": cfg.run_name, "id": resume_run_id}
+        # The flags win; unset, W&B's own environment variables apply (Accelerate always passes a project).
+        entity = cfg.wandb_entity or os.environ.get("WANDB_ENTITY")
+        optional = {"entity": entity, "group": cfg.wandb_group, "name": cfg.run_name, "id": resume_run_id}
         init.update({k: v for k, v in optional.items() if v})
         if cfg.wandb_tags:
             init["tags"] = list(cfg.wandb_tags)
         if resume_run_id:
             init["resume"] = "allow"
-        self.accelerator.init_trackers(cfg.wandb_project, config=run_config, init_kwargs={"wandb": init})
+        project = cfg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+        self.accelerator.init_trackers(project, config=run_config, init_kwargs={"wandb": init})
 
     @property
     def wandb_run(self) -> Any:

@@ -15,12 +15,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -43,6 +43,7 @@ from peft_agnews.checkpointing import (
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import load_splits
 from peft_agnews.errors import UsageError
+from peft_agnews.hardware import apply_num_threads, resolve_mixed_precision
 from peft_agnews.evaluation import (
     classification_metrics,
     classification_report,
@@ -72,18 +73,13 @@ MISCLASSIFIED_ROWS = 50
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        # An Accelerate config (or `accelerate launch --mixed_precision`) wins; else the recipe: fp16 on GPU.
-        precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else (
-            "fp16" if torch.cuda.is_available() else "no"
-        )
     # A multi-process launch (torchrun, `accelerate launch` with a MULTI_GPU config) on a machine with no
     # accelerator would otherwise run N unconnected single-process copies; run them as one gloo group on CPU.
     distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    on_cpu = distributed_on_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
     return Accelerator(
         cpu=distributed_on_cpu,
-        mixed_precision=precision,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=tracker_name(cfg),
         # We step the scheduler once per real optimizer step ourselves: its length is counted in optimizer steps,
@@ -115,6 +111,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
+    apply_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg)
     try:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
@@ -142,6 +139,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     with accelerator.main_process_first():
         splits = load_splits(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
+    # The class names are known now (--label_names, else the dataset's ClassLabel names).
+    cfg = replace(cfg, label_names=splits["train"].features["label"].names)
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
 
     # Model: base + LoRA within the parameter budget.
@@ -150,7 +149,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if half is not None and cfg.cast_frozen_weights:
         cast_frozen_linear_weights(model, half)
-    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator)
+    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
+                      test_examples=len(splits["test"]) if "test" in splits else 0)
     accelerator.print(plan.describe(trainable, total_params))
     if cfg.dry_run:
         rank = model.peft_config["default"].r
@@ -200,6 +200,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         "train_samples_per_second": state.samples_seen / runtime,
         "num_processes": plan.num_processes,
         "mixed_precision": plan.mixed_precision,
+        "num_threads": plan.num_threads,
     }
     if "test" in loaders:
         test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))

@@ -114,6 +114,30 @@ def synthetic_test_csv(tmp_path_factory) -> Path:
     return write_canonical_csv(tmp_path_factory.mktemp("data") / "test.csv", synthetic_rows(120, seed=2))
 
 
+HUB_STYLE_NAMES = ["Politics", "Sport", "Money", "Tech"]  # not AG News's: they must come from the ClassLabel
+
+
+def write_hub_style_dataset(folder: Path, splits: dict[str, int]) -> Path:
+    """A dataset folder `load_dataset(folder)` reads like a Hub dataset: `<split>.parquet` files with `title`,
+    `description` and a ClassLabel `topic` (named HUB_STYLE_NAMES), `rows` synthetic rows per split."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"title": Value("string"), "description": Value("string"),
+                         "topic": ClassLabel(names=HUB_STYLE_NAMES)})
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (split, rows) in enumerate(splits.items()):
+        data = synthetic_rows(rows, seed=10 + seed)
+        columns = {"title": [t for _, t, _ in data], "description": [d for _, _, d in data],
+                   "topic": [label for label, _, _ in data]}
+        Dataset.from_dict(columns, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_style_dataset(tmp_path_factory) -> Path:
+    return write_hub_style_dataset(tmp_path_factory.mktemp("hub-style"), {"train": 480, "test": 100})
+
+
 @pytest.fixture
 def shared_data() -> Path:
     folder = SHARED / "data"
@@ -138,6 +162,9 @@ def tiny_train_args(model_dir: Path, train_file: Path, output_dir: Path, **overr
         "learning_rate": 5e-3,
         "lora_dropout": 0.0,
         "report_to": "none",
+        # fp32 everywhere: `auto` picks bf16 on CPUs with native bf16 only, and these runs must train (and pin
+        # numbers) alike on every machine. The precision table has its own tests (test_hardware.py).
+        "mixed_precision": "no",
         **overrides,
     }
     argv = []

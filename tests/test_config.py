@@ -34,7 +34,6 @@ REFERENCE_RECIPE = {
     "gradient_checkpointing": True,
     "validation_split": 0.1,
     "group_by_length": True,
-    "label_names": AG_NEWS_LABELS,
     "report_to": "wandb",
 }
 
@@ -43,6 +42,10 @@ def test_defaults_are_the_reference_recipe():
     cfg = parse_config([])
     assert {k: getattr(cfg, k) for k in REFERENCE_RECIPE} == REFERENCE_RECIPE
     assert AG_NEWS_LABELS == ["World", "Sports", "Business", "Sci/Tech"]
+    # Class names left to the data (the Hub ag_news's ClassLabel names are these four); AG News's without a dataset.
+    assert cfg.label_names is None and cfg.resolved_label_names() == AG_NEWS_LABELS
+    assert cfg.resolved_label_names(["neg", "pos"]) == ["neg", "pos"]
+    assert parse_config(["--label_names", "a", "b"]).resolved_label_names(["neg", "pos"]) == ["a", "b"]
 
 
 def test_yaml_file_then_flags_override(tmp_path):
@@ -67,7 +70,8 @@ def test_conventional_hf_flag_names_are_all_accepted():
         "gradient_accumulation_steps learning_rate weight_decay warmup_ratio lr_scheduler_type max_grad_norm "
         "max_length lora_r lora_alpha lora_dropout lora_bias lora_target_modules eval_steps save_steps "
         "logging_steps seed gradient_checkpointing max_train_samples max_eval_samples report_to "
-        "max_trainable_params mixed_precision dry_run group_by_length"
+        "max_trainable_params mixed_precision dry_run group_by_length dataset_config_name text_column_names "
+        "label_column_name"
     ).split()
     help_text = build_parser().format_help()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

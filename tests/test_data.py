@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from datasets import ClassLabel
 
-from conftest import LABELS, synthetic_rows, write_canonical_csv
+from conftest import HUB_STYLE_NAMES, LABELS, synthetic_rows, write_canonical_csv, write_hub_style_dataset
 from peft_agnews.config import TrainConfig
 from peft_agnews.data import load_splits, read_labelled_file
 from peft_agnews.errors import UsageError
@@ -122,3 +122,29 @@ def test_too_few_rows_for_a_stratified_split(tmp_path):
     path = write_canonical_csv(tmp_path / "tiny.csv", synthetic_rows(4))
     with pytest.raises(UsageError, match="stratified"):
         load_splits(TrainConfig(train_file=str(path)))
+
+
+# ----------------------------------------------------------------------------------- --dataset_name (load_dataset)
+def test_dataset_folder_gives_joined_text_classlabel_names_and_its_test_split(hub_style_dataset):
+    """A local dataset folder goes through the very `load_dataset(name, config)` call the Hub's ag_news does."""
+    cfg = TrainConfig(dataset_name=str(hub_style_dataset), text_column_names=["title", "description"],
+                      label_column_name="topic")
+    splits = load_splits(cfg)
+    assert set(splits) == {"train", "validation", "test"}
+    assert (len(splits["train"]) + len(splits["validation"]), len(splits["test"])) == (480, 100)
+    for split in splits.values():
+        assert split.column_names == ["text", "label"] and split.features["label"].names == HUB_STYLE_NAMES
+    label, title, description = synthetic_rows(100, seed=11)[0]  # the test split's first row
+    assert splits["test"][0] == {"text": f"{title} {description}", "label": label}
+    assert "test" not in load_splits(TrainConfig(**{**cfg.__dict__, "evaluate_test_split": False}))
+    # --label_names wins over the dataset's ClassLabel, and must then match it.
+    with pytest.raises(UsageError, match="differ from --label_names"):
+        load_splits(TrainConfig(**{**cfg.__dict__, "label_names": LABELS}))
+
+
+def test_dataset_folder_validation_split_is_used_and_missing_columns_are_named(tmp_path):
+    folder = write_hub_style_dataset(tmp_path / "ds", {"train": 80, "validation": 20, "test": 20})
+    splits = load_splits(TrainConfig(dataset_name=str(folder), text_column_names=["title"], label_column_name="topic"))
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (80, 20, 20)
+    with pytest.raises(UsageError, match=r"no column\(s\) \['text', 'label'\].*--text_column_names"):
+        load_splits(TrainConfig(dataset_name=str(folder)))

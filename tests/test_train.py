@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import LABELS, accelerate_launch, run_cli, tiny_train_args
+from conftest import HUB_STYLE_NAMES, LABELS, REPO, accelerate_launch, run_cli, tiny_train_args
+from peft_agnews.hardware import auto_precision, physical_cores
 from peft_agnews.train import cli
 
 
@@ -163,6 +167,35 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, synthetic_train_csv, tmp_path):
         if "eval/accuracy" in e:
             assert abs(e["eval/accuracy"] * 37 - round(e["eval/accuracy"] * 37)) < 1e-9
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_headline_command_as_typed_uses_every_core_the_hardware_precision_and_the_test_split(
+    tiny_model_dir, hub_style_dataset, tmp_path
+):
+    """`accelerate launch peft_agnews/train.py --dataset_name ...` exactly as a user types it: no Accelerate config,
+    no OMP_NUM_THREADS, nothing pinned. The launcher then exports OMP_NUM_THREADS=1 and
+    ACCELERATE_MIXED_PRECISION=no; the run must still use every physical core and the precision `auto` picks for
+    this machine, and score the dataset's own test split."""
+    argv = tiny_train_args(tiny_model_dir, None, tmp_path, dataset_name=hub_style_dataset, mixed_precision=None,
+                           text_column_names=["title", "description"], label_column_name="topic", max_train_steps=4)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("ACCELERATE_")}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "peft_agnews/train.py", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads((tmp_path / "run_config.json").read_text())["plan"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    threads, precision = physical_cores(), auto_precision(on_cpu=not torch.accelerator.is_available())
+    assert (plan["num_threads"], results["num_threads"]) == (threads, threads)
+    assert (plan["mixed_precision"], results["mixed_precision"]) == (precision, precision)
+    assert f"precision {precision}; {threads} CPU thread(s) per process" in proc.stdout
+    assert results["test_examples"] == 100 and 0 <= results["test_accuracy"] <= 1
+    assert any("test/accuracy" in e for e in read_jsonl(tmp_path / "metrics.jsonl"))
+    assert json.loads((tmp_path / "adapter" / "labels.json").read_text())["id2label"] == dict(
+        (str(i), name) for i, name in enumerate(HUB_STYLE_NAMES)
+    )
+    assert "the `" + str(hub_style_dataset) + "` test split" in (tmp_path / "adapter" / "README.md").read_text()
 
 
 def test_script_runs_as_written_with_help():
