@@ -6,6 +6,13 @@ round by round, and the table reports medians. Nothing here is asserted by tests
     python benchmarks/train_throughput.py                       # roberta-base shape (random init), bf16, CPU
     python benchmarks/train_throughput.py --precision fp32 --rounds 1
     python benchmarks/train_throughput.py --device cuda --batch_size 32 --precision bf16
+    python benchmarks/train_throughput.py --precision auto --runners ours,ours_typed,trainer   # as users start them
+
+`ours_typed` starts our trainer the way the README does, `accelerate launch peft_agnews/train.py ...` with no
+Accelerate config (so the launcher's OMP_NUM_THREADS=1 and mixed precision 'no' reach it), and `--precision auto`
+leaves the trainer's precision to `--mixed_precision auto` (the Trainer gets what auto picks on this machine).
+Its steady rate comes from the wall-clock time between the step-end timestamps the run writes to metrics.jsonl,
+as the Trainer's comes from its step-end callback; the in-process `ours` reads our loop's own throughput meter.
 
 Columns: train samples/s and real (non-pad) tokens/s over the steady steps (after --warmup steps), padding
 efficiency (real / computed tokens), achieved model FLOP/s (4 x linear-layer params x real tokens: forward plus
@@ -33,7 +40,8 @@ SHARED = REPO.parent / "shared" / "data"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "auto"], default="bf16",
+                   help="auto: what our --mixed_precision auto picks on this machine (the Trainer is given the same)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
@@ -42,8 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
     p.add_argument("--runners", default="ours,trainer",
-                   help="comma list of: ours, trainer (fed our exact batch order), trainer_padded (every row padded "
-                        "to --max_length, random order: the design report's setting)")
+                   help="comma list of: ours, ours_typed (the headline command in a subprocess), trainer (fed our "
+                        "exact batch order), trainer_padded (every row padded to --max_length, random order: the "
+                        "design report's setting)")
     p.add_argument("--model_config", default=str(SHARED / "roberta-base-tokenizer"),
                    help="folder with config.json + tokenizer; a random-init model of that shape is built")
     p.add_argument("--model_dir", default=None, help="an existing model folder (skips building from --model_config)")
@@ -112,10 +121,7 @@ def steady_rates(step_times: list[float], step_samples: list[int], step_tokens: 
 
 # ----------------------------------------------------------------------------------------------- runners
 def run_ours(args, model_dir: Path, launched: float) -> dict:
-    from peft_agnews.batching import make_dataloaders, tokenize_splits
     from peft_agnews.config import TrainConfig
-    from peft_agnews.data import load_splits
-    from peft_agnews.model import load_tokenizer
     from peft_agnews.train import run
 
     out = Path(args.work_dir) / f"ours-{os.getpid()}"
@@ -133,19 +139,67 @@ def run_ours(args, model_dir: Path, launched: float) -> dict:
     times = [args.batch_size / e["train/samples_per_second"] for e in train]
     tokens = [e["train/tokens_per_second"] * t for e, t in zip(train, times)]
     samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), tokens, args.warmup)
-    # Padding efficiency of the very batches the loop trained on (same sampler, same collator).
+    eval_event = next(e for e in events if "eval/samples_per_second" in e)
+    return {
+        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": padding_efficiency(cfg, len(train)),
+        "eval_samples_s": eval_event["eval/samples_per_second"], "first_step_s": train[0]["time"] - launched,
+    }
+
+
+def padding_efficiency(cfg, steps: int) -> float:
+    """Real / computed tokens of the first `steps` batches our loop trains on (same sampler, same collator)."""
+    from peft_agnews.batching import make_dataloaders, tokenize_splits
+    from peft_agnews.data import load_splits
+    from peft_agnews.model import load_tokenizer
+
     tokenizer = load_tokenizer(cfg)
     loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
     real = padded = 0
     for i, batch in enumerate(loader):
-        if i == len(train):
+        if i == steps:
             break
         real += int(batch["attention_mask"].sum())
         padded += batch["attention_mask"].numel()
+    return real / padded
+
+
+def run_ours_typed(args, model_dir: Path, launched: float) -> dict:
+    """The headline command as typed, in its own process tree; rates from its step-end timestamps."""
+    from peft_agnews.config import TrainConfig
+
+    out = Path(args.work_dir) / f"ours-typed-{os.getpid()}"
+    options = {
+        "model_name_or_path": model_dir, "train_file": args.data, "output_dir": out, "overwrite_output_dir": "true",
+        "per_device_train_batch_size": args.batch_size, "per_device_eval_batch_size": 64,
+        "gradient_accumulation_steps": 1, "max_train_steps": args.warmup + args.steps,
+        "max_eval_samples": args.eval_rows, "max_length": args.max_length, "logging_steps": 1, "eval_steps": 10**9,
+        "save_steps": 0, "report_to": "none", "gradient_checkpointing": args.gradient_checkpointing,
+    }
+    if args.typed_precision != "auto":
+        options["mixed_precision"] = "no" if args.precision == "fp32" else args.precision
+    argv = [part for key, value in options.items() for part in (f"--{key}", str(value))]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "peft_agnews/train.py", *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if "train/samples_per_second" in e]
+    # Step i's time is the gap between step ends i-1 and i; step 1 (no earlier end) is always in the warmup.
+    times = [b["time"] - a["time"] for a, b in zip(train, train[1:])]
+    tokens = [e["train/tokens_per_second"] * e_time for e, e_time in
+              zip(train[1:], (args.batch_size / e["train/samples_per_second"] for e in train[1:]))]
+    samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), tokens, args.warmup - 1)
+    results = json.loads((out / "results.json").read_text())
+    plan = json.loads((out / "run_config.json").read_text())["plan"]
     eval_event = next(e for e in events if "eval/samples_per_second" in e)
     return {
-        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": real / padded,
+        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": padding_efficiency(TrainConfig(
+            model_name_or_path=str(model_dir), train_file=args.data, max_eval_samples=args.eval_rows,
+            per_device_train_batch_size=args.batch_size, max_length=args.max_length), len(train)),
         "eval_samples_s": eval_event["eval/samples_per_second"], "first_step_s": train[0]["time"] - launched,
+        "precision": results["mixed_precision"], "threads": plan["num_threads"],
+        "peak_mem_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
     }
 
 
@@ -234,15 +288,31 @@ def child(args) -> None:
     model_dir = Path(os.environ["BENCH_MODEL_DIR"])
     if args._child == "ours":
         row = run_ours(args, model_dir, launched)
+    elif args._child == "ours_typed":
+        row = run_ours_typed(args, model_dir, launched)
     else:
         row = run_trainer(args, model_dir, launched, pad_to_max=args._child == "trainer_padded")
-    row["peak_mem_gib"] = peak_memory_gib(args.device)
+    import torch
+
+    from peft_agnews.hardware import cpu_bf16_flags
+
+    row["cpu_bf16_flags"] = " ".join(cpu_bf16_flags()) or "none"
+    row.setdefault("peak_mem_gib", peak_memory_gib(args.device))
+    row.setdefault("threads", torch.get_num_threads())
+    row.setdefault("precision", args.precision)
     print("BENCH_ROW " + json.dumps(row), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- driver
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.typed_precision = args.precision  # ours_typed passes no --mixed_precision for auto, as a user would
+    if args.precision == "auto":
+        from peft_agnews.hardware import auto_precision
+
+        # Every other runner is given what auto picks here; ours_typed records what it resolved itself.
+        picked = auto_precision(on_cpu=args.device == "cpu")
+        args.precision = "fp32" if picked == "no" else picked
     if args._child:
         return child(args)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
@@ -267,7 +337,7 @@ def main(argv=None) -> None:
 
     rows = []
     for runner, runs in results.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        med = {k: runs[0][k] if isinstance(runs[0][k], str) else statistics.median(r[k] for r in runs) for k in runs[0]}
         flops = med["tokens_s"] * 4 * n_linear
         rows.append({"runner": runner, **med, "tflops": flops / 1e12, "mfu": flops / peak})
     print(f"\n{args.device}, {args.precision}, batch {args.batch_size}, gradient checkpointing "
@@ -278,9 +348,14 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['runner']} | {r['samples_s']:.2f} | {r['tokens_s']:.0f} | {r['pad_eff']:.2f} | {r['tflops']:.3f} | "
               f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | {r['eval_samples_s']:.1f} | {r['first_step_s']:.1f} |")
+    print("\n" + "; ".join(f"{r['runner']}: {r['threads']:.0f} thread(s), {r['precision']}" for r in rows)
+          + f"; CPU bf16 flags: {rows[0]['cpu_bf16_flags']}")
     by = {r["runner"]: r for r in rows}
     if "ours" in by and "trainer" in by:
         print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x")
+    for a, b in (("ours_typed", "trainer"), ("ours_typed", "ours")):
+        if a in by and b in by:
+            print(f"{a} / {b} (train samples/s): {by[a]['samples_s'] / by[b]['samples_s']:.2f}x")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows}, indent=2))
 

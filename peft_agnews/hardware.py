@@ -75,15 +75,20 @@ def apply_num_threads(requested: int = 0) -> int:
     return threads
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16), so bf16 autocast runs at or above fp32
-    speed; without them PyTorch emulates bf16 matmuls, several times slower than fp32."""
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """Which of AVX512-BF16 / AMX-BF16 this CPU reports (none where /proc/cpuinfo is absent, e.g. macOS)."""
     try:
         with cpuinfo.open() as handle:
             flags = next((line for line in handle if line.startswith("flags")), "").split()
     except OSError:
-        return False
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+        return []
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions, so bf16 autocast runs at or above fp32 speed; without them
+    PyTorch emulates bf16 matmuls, several times slower than fp32."""
+    return bool(cpu_bf16_flags())
 
 
 def auto_precision(on_cpu: bool) -> str:

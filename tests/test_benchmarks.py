@@ -17,10 +17,11 @@ def test_train_throughput_benchmark_runs_both_loops(tiny_model_dir, synthetic_tr
         sys.executable, "benchmarks/train_throughput.py", "--model_dir", str(tiny_model_dir),
         "--data", str(synthetic_train_csv), "--precision", "fp32", "--batch_size", "8", "--steps", "2",
         "--warmup", "1", "--rounds", "1", "--eval_rows", "16", "--work_dir", str(tmp_path / "work"),
-        "--json_out", str(out),
+        "--json_out", str(out), "--runners", "ours,ours_typed,trainer",
     ])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "| trainer |" in proc.stdout and "ours / trainer" in proc.stdout
+    assert "| ours_typed |" in proc.stdout and "ours_typed / trainer" in proc.stdout
     rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
     for row in rows.values():
         assert row["samples_s"] > 0 and 0 < row["pad_eff"] <= 1 and row["eval_samples_s"] > 0

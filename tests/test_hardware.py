@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peft_agnews import hardware
-from peft_agnews.hardware import auto_precision, cpu_has_native_bf16, resolve_mixed_precision, resolve_num_threads
+from peft_agnews.hardware import auto_precision, cpu_bf16_flags, resolve_mixed_precision, resolve_num_threads
 
 LAUNCH_VARS = ("OMP_NUM_THREADS", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID",
                "LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
@@ -72,10 +72,10 @@ def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path):
         path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
         return path
 
-    assert cpu_has_native_bf16(cpuinfo("fpu sse avx2 avx512f avx512_bf16"))
-    assert cpu_has_native_bf16(cpuinfo("fpu avx2 amx_tile amx_bf16"))
-    assert not cpu_has_native_bf16(cpuinfo("fpu sse avx2 avx512f avx512_vnni"))  # AVX-512 alone is not bf16
-    assert not cpu_has_native_bf16(tmp_path / "absent")  # no /proc (macOS): fp32
+    assert cpu_bf16_flags(cpuinfo("fpu sse avx2 avx512f avx512_bf16")) == ["avx512_bf16"]
+    assert cpu_bf16_flags(cpuinfo("fpu avx2 amx_tile amx_bf16 avx512_bf16")) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_bf16_flags(cpuinfo("fpu sse avx2 avx512f avx512_vnni")) == []  # AVX-512 alone is not bf16
+    assert cpu_bf16_flags(tmp_path / "absent") == []  # no /proc (macOS): fp32
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from conftest import LABELS, REPO, accelerate_launch, run_cli, tiny_train_args
 from peft_agnews.config import parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.evaluation import classification_metrics, worst_misclassified
-from peft_agnews.tracking import class_key, resolve_wandb_mode
+from peft_agnews.tracking import RunLogger, class_key, resolve_wandb_mode, wandb_base_url, wandb_key_configured
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef01"  # 40 hex-like chars, as a real key; never valid
 PER_CLASS = [f"eval/f1_{class_key(n)}" for n in LABELS]
@@ -402,3 +402,43 @@ def test_sweep_file_runs_trials_of_this_trainer(tiny_model_dir, synthetic_train_
     assert "trainable parameters: 2,916" in capsys.readouterr().out
     assert cli([*base, *args, "--max_trainable_params", "2000"]) == 2
     assert "exceed --max_trainable_params 2,000" in capsys.readouterr().err
+
+
+def test_wandb_project_and_entity_follow_the_environment_unless_flags_are_given(monkeypatch, tmp_path):
+    opened = []
+
+    class RecordingAccelerator:
+        is_main_process = True
+
+        def init_trackers(self, project, config, init_kwargs):
+            opened.append((project, init_kwargs["wandb"].get("entity")))
+
+    def start(*flags):
+        RunLogger(RecordingAccelerator(), tmp_path).start(parse_config(["--report_to", "offline", *flags]), {})
+        return opened[-1]
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    assert start() == ("peft-agnews", None)
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    assert start() == ("env-project", "env-team")
+    assert start("--wandb_project", "flag-project", "--wandb_entity", "flag-team") == ("flag-project", "flag-team")
+
+
+def test_self_hosted_server_login_counts_as_a_key(monkeypatch, tmp_path):
+    """`wandb login --host URL` stores the key under URL's host in ~/.netrc and URL in W&B's settings file."""
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    (tmp_path / "netrc").write_text(f"machine wandb.example.com:8080\n  login user\n  password {FAKE_KEY}\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert wandb_base_url() == "https://api.wandb.ai" and not wandb_key_configured()  # the cloud has no entry
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8080")
+    assert wandb_key_configured() and resolve_wandb_mode(parse_config([])) == "online"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text("[default]\nbase_url = https://wandb.example.com:8080\n")
+    assert wandb_base_url() == "https://wandb.example.com:8080" and wandb_key_configured()
