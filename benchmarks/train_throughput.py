@@ -23,6 +23,7 @@ measured in this run, peak memory, evaluation samples/s, and seconds from proces
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -191,12 +192,12 @@ def run_ours_typed(args, model_dir: Path, launched: float) -> dict:
               zip(train[1:], (args.batch_size / e["train/samples_per_second"] for e in train[1:]))]
     samples_s, tokens_s = steady_rates(times, [args.batch_size] * len(times), tokens, args.warmup - 1)
     results = json.loads((out / "results.json").read_text())
-    plan = json.loads((out / "run_config.json").read_text())["plan"]
+    saved = json.loads((out / "run_config.json").read_text())
+    ran = TrainConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TrainConfig)})  # the run's own config
+    plan = saved["plan"]
     eval_event = next(e for e in events if "eval/samples_per_second" in e)
     return {
-        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": padding_efficiency(TrainConfig(
-            model_name_or_path=str(model_dir), train_file=args.data, max_eval_samples=args.eval_rows,
-            per_device_train_batch_size=args.batch_size, max_length=args.max_length), len(train)),
+        "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": padding_efficiency(ran, len(train)),
         "eval_samples_s": eval_event["eval/samples_per_second"], "first_step_s": train[0]["time"] - launched,
         "precision": results["mixed_precision"], "threads": plan["num_threads"],
         "peak_mem_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DDP with torchrun and no Accelerate config: torchrun starts the processes; Accelerate inside the trainer reads
 # torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Precision is the trainer's
-# --mixed_precision (auto: fp16 on GPU, fp32 on CPU). Without GPUs the ranks form a gloo group on CPU.
+# --mixed_precision (auto: bf16 or fp16 on GPU, bf16 on bf16 CPUs, else fp32). Without GPUs the ranks form a gloo
+# group on CPU, each on the physical cores divided by NPROC (torchrun's OMP_NUM_THREADS=1 is not taken as a request).
 #   NPROC=4 launch/torchrun.sh --global_batch_size 128 [train options]          # one machine, 4 processes
 #   NNODES=2 NODE_RANK=$RANK MASTER_ADDR=host0 NPROC=8 launch/torchrun.sh ...   # on each of 2 machines
 # NPROC defaults to the GPU count (1 without GPUs); MASTER_PORT to 29500.
