@@ -109,3 +109,18 @@ def test_physical_cores_respect_the_cgroup_quota(monkeypatch, tmp_path):
     assert hardware.physical_cores() == 1
     monkeypatch.setattr(hardware, "_cgroup_cpu_quota", lambda: None)
     assert 1 <= hardware.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_evaluate_and_predict_take_the_thread_option():
+    from peft_agnews.errors import UsageError
+    from peft_agnews.inference import ModelArgs, inference_accelerator
+
+    before = torch.get_num_threads()
+    try:
+        with inference_accelerator(1):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert ModelArgs(adapter_dir="run/adapter", num_threads=3).num_threads == 3
+    with pytest.raises(UsageError, match="--num_threads"):
+        ModelArgs(adapter_dir="run/adapter", num_threads=-1)
