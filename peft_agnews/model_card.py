@@ -56,7 +56,7 @@ def _intended_use(label_names: list[str], max_length: int) -> str:
 
 def adapter_card(cfg: TrainConfig, results: dict, validation: dict) -> str:
     """The README.md written into <output_dir>/adapter at the end of training."""
-    names = cfg.label_names
+    names = cfg.resolved_label_names()
     trainable, total = results["trainable_params"], results["total_params"]
     data = f"`{cfg.train_file}`" if cfg.train_file else f"the Hub dataset `{cfg.dataset_name}` (train split)"
     held_out = f"`{cfg.validation_file}`" if cfg.validation_file else (
