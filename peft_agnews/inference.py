@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
@@ -29,7 +29,7 @@ from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.evaluation import predict_logits
 from peft_agnews.export import LABELS_FILE, read_label_names
-from peft_agnews.model import _first_line, read_head_choice, replace_head
+from peft_agnews.model import _first_line, load_classification_model, read_head_choice, replace_head
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -173,9 +173,7 @@ def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
     if kwargs:  # a base for an adapter: its load report would list the head as missing, which the adapter supplies
         hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load model '{name}' ({_first_line(err)}); check {flag}") from None
+        return load_classification_model(name, flag, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -193,7 +193,7 @@ def test_minilm_learns_real_ag_news(shared_data, tmp_path):
 def test_hub_defaults_fail_offline_with_a_clear_line(tiny_model_dir, tmp_path, capsys):
     """The defaults really go to the Hub (roberta-base, ag_news); offline, each says what to pass instead."""
     assert cli(["--output_dir", str(tmp_path / "a"), "--report_to", "none"]) == 2
-    assert "could not load tokenizer 'roberta-base'" in capsys.readouterr().err
+    assert "could not load model 'roberta-base'" in capsys.readouterr().err
     assert cli(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "b"), "--report_to", "none"]) == 2
     err = capsys.readouterr().err
     assert "could not load dataset 'ag_news'" in err and "--train_file" in err
