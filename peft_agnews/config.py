@@ -25,6 +25,16 @@ from peft_agnews.errors import UsageError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
+# Options a resumed run may change: they move no weight. Every other option is recorded in each checkpoint and
+# must match on resume (the data files are checked by a fingerprint of their rows instead of their paths).
+RESUMABLE_OPTIONS = (
+    "train_file", "validation_file", "dataset_name", "test_file", "per_device_eval_batch_size",
+    "eval_steps", "save_steps", "logging_steps", "save_total_limit", "early_stopping_patience",
+    "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "dry_run", "max_trainable_params",
+    "gradient_checkpointing", "cast_frozen_weights",
+    "report_to", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
+)
+
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, list):
@@ -178,6 +188,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resume_critical(self) -> dict[str, Any]:
+        """The options a resumed run must share with its checkpoint (all but RESUMABLE_OPTIONS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OPTIONS}
 
     def for_processes(self, num_processes: int) -> TrainConfig:
         """This config with micro-batch and accumulation derived from --global_batch_size for `num_processes`.
