@@ -3,6 +3,8 @@
 #   launch/train_local.sh accelerate_configs/single_gpu.yaml --output_dir outputs/run1 [train options]
 #   launch/train_local.sh accelerate_configs/cpu_ddp.yaml --global_batch_size 32 ...   # 2 processes on CPU
 # Relative paths in the train options are taken from the current folder, not from the repository.
+# Exit status: 0 done; under a one-process config `accelerate launch` turns every failure (2, 3, 75) into 1
+# (--quiet drops its CalledProcessError traceback); run `python -m peft_agnews.train` to keep the trainer's own.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ $# -lt 1 || ! -f "$1" ]]; then
@@ -12,4 +14,4 @@ if [[ $# -lt 1 || ! -f "$1" ]]; then
 fi
 config=$1
 shift
-exec accelerate launch --config_file "$config" "$repo/peft_agnews/train.py" "$@"
+exec accelerate launch --quiet --config_file "$config" "$repo/peft_agnews/train.py" "$@"

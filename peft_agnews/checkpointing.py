@@ -18,10 +18,12 @@ Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,13 +43,21 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
+# Keys of the run shape: the options that must match on resume, and the per-split fingerprints of the data rows.
+OPTIONS_KEY = "options"
+FINGERPRINT_SUFFIX = "_rows_sha256"
 # sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a stop signal was honoured, a
 # checkpoint was written, and `--resume_from_checkpoint latest` continues the run.
 EXIT_INTERRUPTED = 75
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class CheckpointError(UsageError):
     """A checkpoint that cannot be resumed from: missing, incomplete, corrupt, or from a differently shaped run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read back (truncated, damaged, wrong types)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -122,15 +132,36 @@ def resolve_checkpoint(spec: str | None, folder: Path, overwrite: bool = False,
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """The JSON part of a checkpoint (plain data: no unpickling)."""
+    """The JSON part of a checkpoint (plain data: no unpickling), every counter checked for its type."""
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not isinstance(state.get("counters"), dict):
             raise ValueError("not a checkpoint state object")
+        if not isinstance(state.get("run_shape"), dict) or not isinstance(state["run_shape"].get(OPTIONS_KEY, {}), dict):
+            raise ValueError("run_shape is not an object of shape values and options")
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None))}
+        for f in fields(TrainState):
+            value = state["counters"].get(f.name)
+            if f.type in kinds and f.name in state["counters"] and (
+                not isinstance(value, kinds[f.type]) or (f.type != "bool" and isinstance(value, bool))
+            ):
+                raise ValueError(f"counter {f.name} is {value!r}, not {f.type}")
         return state
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint file {file} is unreadable or corrupt ({err}); pass another checkpoint") from None
+        raise CorruptCheckpointError(
+            f"checkpoint file {file} is unreadable or corrupt ({err}); pass another checkpoint"
+        ) from None
+
+
+def with_older_hint(err: CheckpointError, path: Path) -> CheckpointError:
+    """`err` about the checkpoint `latest` picked, extended with the older complete checkpoint to pass instead.
+
+    `latest` does not fall back by itself: a silent fallback would repeat steps without anyone noticing why."""
+    older = [p for p in list_checkpoints(path.parent)[0] if step_of(p) < step_of(path)]
+    hint = (f"; --resume_from_checkpoint latest picked the newest checkpoint: pass the older {older[-1]} "
+            f"instead, or delete {path.name}") if older else "; it is the only complete checkpoint"
+    return type(err)(f"{err}{hint}")
 
 
 def _fsync(path: Path) -> None:
@@ -246,11 +277,26 @@ class Checkpointer:
         return state["counters"], best
 
     def _check_shape(self, path: Path, saved: dict[str, Any]) -> None:
-        diffs = [f"{k}={saved.get(k)} (now {v})" for k, v in self.run_shape.items() if saved.get(k) != v]
+        """Name every difference between this run and the checkpoint's: shape, data rows, options. Keys a
+        checkpoint of an older version did not record are not compared."""
+        now = json.loads(json.dumps(self.run_shape))  # compare as the checkpoint stored it (tuples as lists)
+        diffs = []
+        for key, value in now.items():
+            if key not in saved or saved[key] == value:
+                continue
+            if key == OPTIONS_KEY:
+                diffs += [f"--{name} {saved[key][name]!r} (now {value[name]!r})" for name in value
+                          if name in saved[key] and saved[key][name] != value[name]]
+            elif key.endswith(FINGERPRINT_SUFFIX):
+                split = key.removesuffix(FINGERPRINT_SUFFIX)
+                diffs.append(f"other {split} rows (sha256 {str(saved[key])[:12]}... now {value[:12]}...)")
+            else:
+                diffs.append(f"{key}={saved[key]} (now {value})")
         if diffs:
             raise CheckpointError(
-                f"checkpoint {path} comes from a differently shaped run: {', '.join(diffs)}; "
-                "resume with the same data, batch size, accumulation, process count and seed"
+                f"checkpoint {path} comes from a differently shaped run: {', '.join(diffs)}; resume with the "
+                "checkpoint's data and options (its trainer_state.json lists them) or start a new run in another "
+                "--output_dir"
             )
 
     @staticmethod
@@ -258,7 +304,7 @@ class Checkpointer:
         try:
             weights = load_file(str(file))
         except Exception as err:  # safetensors raises several types for missing/truncated files
-            raise CheckpointError(f"checkpoint file {file} is missing or corrupt ({err}); pass another checkpoint") from None
+            raise CorruptCheckpointError(f"checkpoint file {file} is missing or corrupt ({err}); pass another checkpoint") from None
         if set(weights) != expected and not (empty_ok and not weights):
             missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
             raise CheckpointError(
@@ -273,7 +319,7 @@ class Checkpointer:
             return torch_load_safely(str(file), map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many types (EOFError, UnpicklingError, RuntimeError, ...)
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"checkpoint file {file} is missing or corrupt ({first}); pass another checkpoint") from None
+            raise CorruptCheckpointError(f"checkpoint file {file} is missing or corrupt ({first}); pass another checkpoint") from None
 
 
 def epoch_batches(accelerator: Accelerator, loader: Any, skip: int) -> Iterable:
@@ -318,6 +364,22 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.received = signal.Signals(signum).name
+
+
+def stop_when_launcher_dies() -> None:
+    """Under `accelerate launch` or torchrun, receive SIGTERM when the launcher process dies (Linux).
+
+    A one-process `accelerate launch` does not pass SIGTERM on: killed, it leaves the trainer running as an
+    orphan; killed with SIGKILL, a multi-process launcher leaves every rank running. With the parent-death
+    signal the trainer stops as on any SIGTERM: checkpoint, exit 75.
+    """
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def step_health(accelerator: Accelerator, model: torch.nn.Module, loss_sum: torch.Tensor,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from transformers import HfArgumentParser
 
-from peft_agnews.errors import UsageError
+from peft_agnews.errors import UsageError, describe_os_error
 
 COMMANDS = {
     "train": ("peft_agnews.train", "fine-tune with LoRA (see `peft-agnews train --help`)"),
@@ -32,11 +32,15 @@ def parse_args(dataclass_types: tuple, argv: Sequence[str] | None, description: 
 
 
 def run_entry(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a command's `main`, printing a UsageError as one `error:` line with exit status 2."""
+    """Run a command's `main`, printing a UsageError or a failed file operation as one `error:` line with exit
+    status 2."""
     try:
         main(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # checked outputs can still fail to be written: a full disk, a folder removed meanwhile
+        print(f"error: {describe_os_error(err)}; fix that and run the command again", file=sys.stderr)
         return 2
     return 0
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +24,16 @@ from transformers import HfArgumentParser
 from peft_agnews.errors import UsageError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+# Options a resumed run may change: they move no weight. Every other option is recorded in each checkpoint and
+# must match on resume (the data files are checked by a fingerprint of their rows instead of their paths).
+RESUMABLE_OPTIONS = (
+    "train_file", "validation_file", "dataset_name", "test_file", "per_device_eval_batch_size",
+    "eval_steps", "save_steps", "logging_steps", "save_total_limit", "early_stopping_patience",
+    "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "dry_run", "max_trainable_params",
+    "gradient_checkpointing", "cast_frozen_weights",
+    "report_to", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
+)
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -153,7 +167,17 @@ class TrainConfig:
         self.lora_r = _parse_rank(self.lora_r)
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK
+        # A NaN passes every comparison below as False, and inf makes no sense for any float option.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"invalid config: --{f.name} must be a finite number, got {value}")
         checks = [
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            # A negative limit would scale every gradient by a negative factor: gradient ascent.
+            (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 turns clipping off)"),
+            (self.lora_alpha > 0, "--lora_alpha must be > 0"),
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
@@ -190,6 +214,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resume_critical(self) -> dict[str, Any]:
+        """The options a resumed run must share with its checkpoint (all but RESUMABLE_OPTIONS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OPTIONS}
 
     def for_processes(self, num_processes: int) -> TrainConfig:
         """This config with micro-batch and accumulation derived from --global_batch_size for `num_processes`.
@@ -250,6 +278,36 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+def _allows_none(name: str) -> bool:
+    hint = typing.get_type_hints(TrainConfig)[name]
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def yaml_arguments(path: str, values: dict[str, Any]) -> tuple[list[str], dict[str, None]]:
+    """YAML options as the command-line tokens a user would type, so they pass the same type and choice checks
+    as flags; plus the options set to null (which no flag can express), allowed only where None is a value."""
+    parser = build_parser()
+    parser.exit_on_error = False  # a bad value raises ArgumentError instead of exiting
+    tokens: list[str] = []
+    nulls: dict[str, None] = {}
+    for name, value in values.items():
+        if value is None:
+            if not _allows_none(name):
+                raise UsageError(f"config file {path}: {name} is null; give it a value or remove the line")
+            nulls[name] = None
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, (dict, list)) or item is None for item in items):
+            raise UsageError(f"config file {path}: {name} must be a value or a list of values, got {value!r}")
+        option = [f"--{name}", *(str(item) for item in items)]
+        try:
+            parser.parse_args(option)
+        except argparse.ArgumentError as err:
+            raise UsageError(f"config file {path}: {name}: {value!r}: {err.message}") from None
+        tokens += option
+    return tokens, nulls
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML options file, refusing unknown keys so a typo never silently falls back to a default."""
     file = Path(path)
@@ -274,8 +332,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
+    tokens: list[str] = []
     if known.config:
-        parser.set_defaults(**load_yaml(known.config))
-    namespace = parser.parse_args(argv)
+        tokens, nulls = yaml_arguments(known.config, load_yaml(known.config))
+        parser.set_defaults(**nulls)
+    # The file's options come first: a flag given later on the command line wins.
+    namespace = parser.parse_args(tokens + list(sys.argv[1:] if argv is None else argv))
     values = {k: v for k, v in vars(namespace).items() if k != "config"}
     return TrainConfig(**values)

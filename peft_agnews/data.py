@@ -6,7 +6,10 @@ a UsageError naming the file, the problem and the fix before any training starts
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
+import math
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
@@ -18,23 +21,44 @@ CANONICAL_COLUMNS = ["class", "title", "description"]
 _LOADERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def check_input_file(path: Path, option: str) -> None:
+    """A UsageError unless `path` is an existing file (a folder is named as a folder, not as missing)."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a file; pass a data file to {option}")
+    if not path.is_file():
+        raise UsageError(f"data file not found: {path} (check the path passed to {option})")
+
+
 def _check_readable_text(path: Path) -> str:
-    """Return the first line, after checking the whole file decodes as UTF-8."""
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            first = handle.readline()
-            for _ in iter(lambda: handle.read(1 << 20), ""):
-                pass
-    except UnicodeDecodeError as err:
-        raise UsageError(
-            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8"
-        ) from None
-    return first
+    """Return the first line, after checking the whole file decodes as UTF-8 (an error names the file's byte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file passed to the decoder so far
+    first = None
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # an unfinished character carried over from the last chunk
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise UsageError(
+                    f"{path}: not UTF-8 text (byte {offset - pending + err.start}: {err.reason}); re-encode it as UTF-8"
+                ) from None
+            if first is None:
+                first = text
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{path}: not UTF-8 text (ends inside a character: {err.reason}); re-encode it as UTF-8") from None
+    return (first or "").splitlines(keepends=True)[0] if first else ""
 
 
-def _is_canonical_agnews(first_line: str) -> bool:
+def _is_canonical_agnews(first_line: str, path: Path) -> bool:
     """The canonical AG News CSV has no header: `"class","title","description"` with an integer class."""
-    row = next(csv.reader([first_line]), [])
+    try:
+        row = next(csv.reader([first_line]), [])
+    except csv.Error as err:  # e.g. a field over the csv module's 128 KiB limit
+        raise UsageError(f"{path}: the first line is not readable as CSV ({err}); check the file's format") from None
     return len(row) == 3 and row[0].strip().lstrip("-").isdigit()
 
 
@@ -52,15 +76,14 @@ def _raw_dataset(path: Path, **kwargs) -> Dataset:
 def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
     """Read one labelled file into `text`/`label` columns, validating every row."""
     path = Path(path_str)
-    if not path.is_file():
-        raise UsageError(f"data file not found: {path_str} (check the path passed to --*_file)")
+    check_input_file(path, "--*_file")
     suffix = path.suffix.lower()
     if suffix not in _LOADERS:
         raise UsageError(f"{path}: unsupported file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
 
     # Text formats are decoded once, up front: a non-UTF-8 file fails here with the byte offset.
     first_line = _check_readable_text(path) if suffix in (".csv", ".jsonl", ".json") else ""
-    if suffix == ".csv" and _is_canonical_agnews(first_line):
+    if suffix == ".csv" and _is_canonical_agnews(first_line, path):
         raw = _raw_dataset(
             path,
             column_names=CANONICAL_COLUMNS,
@@ -110,13 +133,14 @@ def _labels_to_ids(raw: Dataset, path: Path, label_names: list[str]) -> Dataset:
             raise UsageError(f"{path}: label names {file_names} differ from --label_names {label_names}")
         return raw.cast_column("label", Value("int64"))
 
-    def convert(batch: dict) -> dict:
+    def convert(batch: dict, indices: list[int]) -> dict:
         ids = []
         for value in batch["label"]:
             if isinstance(value, str):
                 value = value.strip()
                 label = by_name.get(value, int(value) if value.lstrip("-").isdigit() else None)
-            elif isinstance(value, (int, float)) and value == int(value):
+            # bool is an int to Python (true would be class 1); NaN and infinity have no class.
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value):
                 label = int(value)
             else:
                 label = None
@@ -126,10 +150,28 @@ def _labels_to_ids(raw: Dataset, path: Path, label_names: list[str]) -> Dataset:
                     f"or names {label_names}"
                 )
             ids.append(label)
-        return {"text": [t if isinstance(t, str) else None for t in batch["text"]], "label": ids}
+        for row, text in zip(indices, batch["text"]):
+            if text is not None and not isinstance(text, str):
+                raise UsageError(f"{path}: {non_string_text(row, text)}; every text must be a string")
+        return {"text": batch["text"], "label": ids}
 
     features = Features({"text": Value("string"), "label": Value("int64")})
-    return raw.map(convert, batched=True, features=features, desc="labels")
+    return raw.map(convert, batched=True, with_indices=True, features=features, desc="labels")
+
+
+def non_string_text(row: int, text: object) -> str:
+    """'row N text is <type> (<value>), not a string' (row 1-based), for error messages."""
+    return f"row {row + 1} text is {type(text).__name__} ({str(text)[:40]}), not a string"
+
+
+def fingerprint_rows(texts: list[str], labels: list[int]) -> str:
+    """sha256 over the rows' texts and labels, in order: equal only for the same rows in the same order."""
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels, strict=True):
+        encoded = text.encode("utf-8")
+        # Length-prefixed, so no two different row lists hash the same bytes.
+        digest.update(len(encoded).to_bytes(8, "little") + encoded + int(label).to_bytes(8, "little", signed=True))
+    return digest.hexdigest()
 
 
 def _validate(ds: Dataset, path: Path, label_names: list[str]) -> Dataset:

@@ -11,6 +11,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from peft_agnews.files import atomic_write, fresh_dir
 from peft_agnews.model import save_head_choice
 
 LABELS_FILE = "labels.json"
@@ -29,22 +30,22 @@ def save_adapter(
 
     `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
     PEFT keeps only the adapter and head entries of it."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_dir(out_dir.parent, out_dir.name)
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
     save_head_choice(tmp, classifier_head)
-    if out_dir.exists():
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON via a temporary file and a rename, so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_label_names(adapter_dir: Path) -> list[str]:

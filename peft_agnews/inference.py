@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
-from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError, safe_open
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
@@ -29,8 +29,9 @@ from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.evaluation import predict_logits
 from peft_agnews.export import LABELS_FILE, read_label_names
+from peft_agnews.files import check_writable
 from peft_agnews.hardware import apply_num_threads
-from peft_agnews.model import _first_line, read_head_choice, replace_head
+from peft_agnews.model import _first_line, load_classification_model, read_head_choice, replace_head
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -98,7 +99,7 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
             f"{adapter_dir} is not an adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}); "
             "pass the adapter/ folder written by training, or a merged model with --model_name_or_path"
         )
-    trained_on = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     base_name = args.model_name_or_path or trained_on
     if not base_name:
         raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass it with --model_name_or_path")
@@ -118,15 +119,41 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         print(f"warning: adapter {adapter_dir} was trained on {trained_on}; loading it on {base_name}", file=sys.stderr)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
-    except RuntimeError as err:  # a mismatch the shape check did not foresee: keep PEFT's first line only
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:  # not foreseen above: keep PEFT's first line
         raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {_first_line(err)}") from None
     return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name, adapter_dir=adapter_dir)
+
+
+def damaged(file: Path, detail: str) -> UsageError:
+    return UsageError(f"{file} is damaged ({detail}); restore it from the training run's adapter folder")
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, checked where PEFT itself would fail late or obscurely (it accepts `"r": "eight"`)."""
+    file = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise damaged(file, f"not JSON: {_first_line(err)}") from None
+    if not isinstance(config, dict):
+        raise damaged(file, "not a JSON object")
+    for key, kinds in {"r": (int,), "lora_alpha": (int, float)}.items():
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, kinds) or value <= 0):
+            raise damaged(file, f"{key} is {value!r}, not a positive number")
+    return config
 
 
 def _saved_label_names(adapter_dir: Path) -> list[str]:
     if not (adapter_dir / LABELS_FILE).is_file():
         raise UsageError(f"{adapter_dir} has no {LABELS_FILE}; pass the class names with --label_names")
-    return read_label_names(adapter_dir)
+    try:
+        names = read_label_names(adapter_dir)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise damaged(adapter_dir / LABELS_FILE, f"expected {{\"id2label\": {{\"0\": name, ...}}}}: {_first_line(err)}") from None
+    if len(names) < 2 or not all(isinstance(name, str) for name in names):
+        raise damaged(adapter_dir / LABELS_FILE, "fewer than two class names, or names that are not strings")
+    return names
 
 
 def check_adapter_fits(
@@ -140,7 +167,11 @@ def check_adapter_fits(
     params = dict(base.named_parameters())
     modules = dict(base.named_modules())
     problems, head_rows = [], None
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
+    try:
+        weights = safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt")
+    except (OSError, SafetensorError) as err:
+        raise damaged(adapter_dir / ADAPTER_WEIGHTS, _first_line(err)) from None
+    with weights:
         for key in weights.keys():
             shape = list(weights.get_slice(key).get_shape())
             name = key.removeprefix(PEFT_PREFIX)
@@ -178,9 +209,7 @@ def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
     if kwargs:  # a base for an adapter: its load report would list the head as missing, which the adapter supplies
         hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load model '{name}' ({_first_line(err)}); check {flag}") from None
+        return load_classification_model(name, flag, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -229,9 +258,10 @@ def score_texts(
 
 
 def check_output_path(path: Path, overwrite: bool, folder: bool = False) -> None:
-    """Refuse to replace an existing output unless asked; outputs are then written via a temp path + rename."""
+    """Refuse to replace an existing output unless asked, and an output location that cannot be written (checked
+    before any scoring); outputs are then written via a temp path + rename (see `files.atomic_write`)."""
     if path.exists() and path.is_dir() != folder:
         raise UsageError(f"{path} exists and is not a {'folder' if folder else 'file'}; choose another path")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path.parent, "output path")

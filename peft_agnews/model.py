@@ -8,34 +8,75 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
 from peft_agnews.errors import UsageError
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
-    name = cfg.tokenizer_name or cfg.model_name_or_path
+    """The tokenizer, checked to cover the model's vocabulary.
+
+    A model folder without tokenizer files still "loads": transformers builds a tokenizer of the special tokens
+    alone, every text becomes `<s></s>`, and the run trains on nothing; that is refused here.
+    """
     try:
-        return AutoTokenizer.from_pretrained(name)
+        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path).vocab_size
     except (OSError, ValueError) as err:
-        raise UsageError(f"could not load tokenizer '{name}' ({_first_line(err)}); check --tokenizer_name") from None
+        raise UsageError(
+            f"could not load model '{cfg.model_name_or_path}' ({_first_line(err)}); check --model_name_or_path"
+        ) from None
+    name = cfg.tokenizer_name or cfg.model_name_or_path
+    flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path (or pass --tokenizer_name)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load tokenizer '{name}' ({_first_line(err)}); check {flag}") from None
+    # Vocabularies padded to a multiple of 8/64 are a little larger than their tokenizers, never twice as large.
+    if vocab_size and len(tokenizer) * 2 < vocab_size:
+        raise UsageError(
+            f"the tokenizer loaded from '{name}' has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{vocab_size}: the folder lacks its tokenizer files (tokenizer.json, vocab.json, ...); "
+            f"copy them in or check {flag}"
+        )
+    return tokenizer
+
+
+def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel:
+    """`AutoModelForSequenceClassification.from_pretrained(name, **kwargs)`, every load failure a UsageError
+    naming `flag` (the option or file that named the model)."""
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UsageError(f"could not load model '{name}' ({_first_line(err)}); check {flag}") from None
+    except RuntimeError as err:
+        if "mismatch" not in str(err):
+            raise
+        # The base already has a classification head, sized for another number of classes.
+        raise UsageError(
+            f"model '{name}' has a saved classification head for another number of classes than the "
+            f"{kwargs.get('num_labels')} label names given; pass one --label_names entry per class of that head, "
+            f"or a base model without a head"
+        ) from None
 
 
 def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
     """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`."""
     labels = cfg.resolved_label_names()
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            cfg.model_name_or_path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-        )
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"could not load model '{cfg.model_name_or_path}' ({_first_line(err)}); check --model_name_or_path"
-        ) from None
+    return load_classification_model(
+        cfg.model_name_or_path,
+        "--model_name_or_path",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

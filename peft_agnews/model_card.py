@@ -6,13 +6,13 @@ does and on which split, what it is for, and how to load it. The YAML header is 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.export import write_json
+from peft_agnews.files import atomic_write
 from peft_agnews.plots import write_run_plots
 
 CARD_FILE = "README.md"
@@ -145,9 +145,8 @@ classify("Stocks rallied after the earnings report")  # [{{'label': '...', 'scor
 
 def write_card(folder: Path, text: str) -> None:
     """Write README.md via a temporary file and a rename."""
-    tmp = folder / (CARD_FILE + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / CARD_FILE)
+    with atomic_write(folder / CARD_FILE) as handle:
+        handle.write(text)
 
 
 def write_run_report(out: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:

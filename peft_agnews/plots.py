@@ -8,7 +8,6 @@ Training calls `write_run_plots` at the end; the command redraws them for any pa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplo
 
 from peft_agnews.cli import parse_args, run_entry
 from peft_agnews.errors import UsageError
+from peft_agnews.files import atomic_write
 
 CURVES_FILE = "training_curves.png"
 DPI = 100
@@ -98,9 +98,8 @@ def plot_confusion_matrix(report: dict, out: Path, title: str = "") -> Path:
 def _save(fig: Figure, out: Path) -> Path:
     """Write via a temporary file and a rename: a PNG appears complete or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as handle:
+        fig.savefig(handle, format="png")
     return out
 
 

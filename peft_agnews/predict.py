@@ -10,7 +10,7 @@ or a pandas pickle with --trust_pickle. Rows are scored longest first for speed 
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from peft_agnews.cli import parse_args, run_entry
-from peft_agnews.data import CANONICAL_COLUMNS, _is_canonical_agnews, canonical_text
+from peft_agnews.data import CANONICAL_COLUMNS, _is_canonical_agnews, canonical_text, check_input_file, non_string_text
 from peft_agnews.errors import UsageError
+from peft_agnews.files import atomic_write
 from peft_agnews.inference import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -47,8 +48,7 @@ def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
     """(ids, texts) of the input file, validated: it has rows, a text column and no empty text."""
     path = Path(args.input_file)
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise UsageError(f"input file not found: {path} (check --input_file)")
+    check_input_file(path, "--input_file")
     if suffix not in SUPPORTED:
         raise UsageError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
     if suffix in PICKLE_SUFFIXES and not args.trust_pickle:
@@ -61,6 +61,8 @@ def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
         raise UsageError(f"{path}: the file has no rows; give a file with text to classify")
     texts = _texts(frame, path, args.text_column)
     for row, text in enumerate(texts):
+        if text is not None and not isinstance(text, str) and not (isinstance(text, float) and math.isnan(text)):
+            raise UsageError(f"{path}: {non_string_text(row, text)}; every text must be a string")
         if not isinstance(text, str) or not text.strip():
             raise UsageError(f"{path}: row {row + 1} has empty or missing text; remove or fill that row")
     ids = frame[args.id_column].tolist() if args.id_column in frame.columns else list(range(len(frame)))
@@ -74,7 +76,7 @@ def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
         if suffix == ".csv":
             with path.open(encoding="utf-8") as handle:
                 first = handle.readline()
-            if _is_canonical_agnews(first):  # labelled canonical file: the class column is ignored
+            if _is_canonical_agnews(first, path):  # labelled canonical file: the class column is ignored
                 return pd.read_csv(path, header=None, names=CANONICAL_COLUMNS, dtype=str, keep_default_na=False)
             text_columns = {column: str for column in (text_column, "title", "description")}
             return pd.read_csv(path, keep_default_na=False, dtype=text_columns)
@@ -124,9 +126,8 @@ def predictions_frame(ids: list, logits, label_names: list[str], args: PredictAr
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write via a temporary file and a rename: the CSV appears complete or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        frame.to_csv(handle, index=False)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.export import write_json
+from peft_agnews.files import append_line, atomic_write
 
 DEFAULT_PROJECT = "peft-agnews"
 CLOUD_URL = "https://api.wandb.ai"
@@ -177,7 +178,8 @@ class RunLogger:
                 keep = [] if resume_step is None or not path.exists() else [
                     line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resume_step
                 ]
-                path.write_text("".join(keep))
+                with atomic_write(path) as handle:
+                    handle.write("".join(keep))
             write_json(self.output_dir / "run_config.json", run_config)
         self.mode = resolve_wandb_mode(cfg)
         if self.mode is None:
@@ -236,7 +238,8 @@ class RunLogger:
         if not self.accelerator.is_main_process:
             return
         path = self.output_dir / f"{key.rsplit('/', 1)[-1]}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with atomic_write(path) as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in rows))
         if self.wandb_run is not None and rows:
             import wandb
 
@@ -261,8 +264,7 @@ class RunLogger:
 
     @staticmethod
     def _append(path: Path, record: dict[str, Any]) -> None:
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(path, json.dumps(record))
 
 
 def confusion_chart(matrix: list[list[int]], label_names: list[str], title: str) -> Any:

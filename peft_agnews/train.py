@@ -15,19 +15,24 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from peft.utils.other import fsdp_auto_wrap_policy
 
 from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
 from peft_agnews.checkpointing import (
     EXIT_INTERRUPTED,
+    FINGERPRINT_SUFFIX,
+    OPTIONS_KEY,
     Checkpointer,
+    CorruptCheckpointError,
     NonFiniteError,
     StopSignal,
     TrainingInterrupted,
@@ -38,11 +43,14 @@ from peft_agnews.checkpointing import (
     read_state,
     resolve_checkpoint,
     step_health,
+    stop_when_launcher_dies,
     trainable_weights,
+    with_older_hint,
 )
 from peft_agnews.config import TrainConfig, parse_config
-from peft_agnews.data import load_splits
-from peft_agnews.errors import UsageError
+from peft_agnews.data import fingerprint_rows, load_splits
+from peft_agnews.errors import UsageError, describe_os_error
+from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import apply_num_threads, resolve_mixed_precision
 from peft_agnews.evaluation import (
     classification_metrics,
@@ -70,6 +78,9 @@ from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, track
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
+# How long a resuming run waits for the output folder's previous holder to exit (a requeued SLURM job can start
+# while the preempted one is still writing its stop checkpoint); a fresh run is refused at once.
+RESUME_LOCK_WAIT_SECONDS = 180
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -106,19 +117,51 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} exists and is not a folder; choose another path")
+    # A fresh run writes adapter/, metrics.jsonl, run_config.json, ...: never over files it did not write.
+    # (An earlier run's checkpoints get their own message from resolve_checkpoint.)
+    existing = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, "checkpoints")) if out.is_dir() else []
+    if existing and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise UsageError(
+            f"--output_dir {out} is not empty ({shown}); choose a new or empty folder, continue its run with "
+            "--resume_from_checkpoint latest, or pass --overwrite_output_dir true (replaces what a run writes there)"
+        )
     return out
+
+
+def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
+    """One run per output folder: the main process takes the lock (waiting a while when resuming); every process
+    learns whether it got it."""
+    lock = OutputLock(Path(cfg.output_dir))
+    error = None
+    if accelerator.is_main_process:
+        try:
+            wait = RESUME_LOCK_WAIT_SECONDS if cfg.resume_from_checkpoint else 0
+            lock.acquire(wait_seconds=wait, say=accelerator.print)
+        except UsageError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise UsageError(error)
+    return lock
 
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
     apply_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg)
+    lock = None
     try:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        if not cfg.dry_run:  # a dry run writes nothing
+            lock = lock_output_dir(cfg, accelerator)
         return _run(cfg, accelerator)
     finally:
+        if lock is not None:
+            lock.release()
         # Release the wrapped model, optimizer and loaders before the process group goes away: gloo runs
         # otherwise abort at interpreter exit now and then.
         accelerator.free_memory()
@@ -132,7 +175,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     out = check_output_dir(cfg)
     resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints", cfg.overwrite_output_dir, accelerator.print)
     # Read the checkpoint's JSON state now: a corrupt one fails before minutes of data and model loading.
-    tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
+    with latest_hint(cfg, resume_from):
+        tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
 
     # Data: validated, split, tokenized once (the main process fills the datasets cache, the others read it).
     tokenizer = load_tokenizer(cfg)
@@ -167,10 +211,16 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["validation"]
     )
+    # What a resumed run must share with this one: the shape, the rows of every split it trains and selects on
+    # (not just their count), and every option that changes the math.
+    fingerprints = {f"{name}{FINGERPRINT_SUFFIX}": fingerprint_rows(splits[name]["text"], splits[name]["label"])
+                    for name in ("train", "validation")}
+    run_shape = {**plan.shape(cfg), **fingerprints, OPTIONS_KEY: cfg.resume_critical()}
     checkpointer = Checkpointer(
-        accelerator, model, out / "checkpoints", cfg.save_total_limit, plan.shape(cfg), fresh=resume_from is None
+        accelerator, model, out / "checkpoints", cfg.save_total_limit, run_shape, fresh=resume_from is None
     )
-    state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
+    with latest_hint(cfg, resume_from):
+        state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
     logger = RunLogger(accelerator, out)
     data_sizes = {f"{name}_examples": len(split) for name, split in splits.items()}
     params = {"trainable_params": trainable, "total_params": total_params}
@@ -230,6 +280,17 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
+
+
+@contextmanager
+def latest_hint(cfg: TrainConfig, checkpoint: Path | None) -> Iterator[None]:
+    """A corrupt checkpoint that `latest` picked: the error also names the older one to pass instead."""
+    try:
+        yield
+    except CorruptCheckpointError as err:
+        if cfg.resume_from_checkpoint != "latest" or checkpoint is None:
+            raise
+        raise with_older_hint(err, checkpoint) from None
 
 
 def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, checkpointer,
@@ -345,10 +406,15 @@ def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainStat
 
 def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: bad input becomes one clear line on stderr and exit status 2."""
+    stop_when_launcher_dies()
     try:
         run(parse_config(argv))
     except (UsageError, GradientFlowError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a full disk while writing a checkpoint: the last complete one is intact
+        print(f"error: {describe_os_error(err)}; fix that, then continue with --resume_from_checkpoint latest",
+              file=sys.stderr)
         return 2
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)

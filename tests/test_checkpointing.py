@@ -52,6 +52,11 @@ def assert_same_run(out: Path, reference: Path) -> None:
         want["global_step"], want["best_step"], want["best_eval_accuracy"])
 
 
+def error_lines(capsys) -> list[str]:
+    """The `error:` lines on stderr (a run stopped mid-training prints its error after the unfinished progress bar)."""
+    return [line[line.index("error:"):] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
 def counters(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())["counters"]
 
@@ -94,8 +99,9 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
         return real_save(tensors, filename, *a, **kw)
 
     monkeypatch.setattr(checkpointing, "save_file", dies_writing_step_4)
-    with pytest.raises(OSError, match="simulated crash"):
-        cli(args(tiny_model_dir, synthetic_train_csv, tmp_path))
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path)) == 2  # was a traceback
+    err = error_lines(capsys)
+    assert err[0].startswith("error: simulated crash") and "--resume_from_checkpoint latest" in err[0], err
     monkeypatch.undo()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [".tmp-step_4", "step_1", "step_2", "step_3"]
@@ -129,6 +135,70 @@ def test_a_corrupt_checkpoint_is_a_clear_error_naming_the_file(
     err = capsys.readouterr().err
     assert f"error: checkpoint file {checkpoint / file} " in err, err
     assert not (out / "results.json").exists()
+
+
+def test_a_full_disk_is_one_error_line_and_latest_then_resumes(reference, tiny_model_dir, synthetic_train_csv, tmp_path,
+                                                              monkeypatch, capsys):
+    import errno
+
+    real_save = checkpointing.save_file
+
+    def disk_full_at_step_3(tensors, filename, *a, **kw):
+        if ".tmp-step_3" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(checkpointing, "save_file", disk_full_at_step_3)
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path)) == 2
+    (err,) = error_lines(capsys)
+    assert err.startswith("error: No space left on device: ") and ".tmp-step_3" in err, err
+    monkeypatch.undo()
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path, resume_from_checkpoint="latest")) == 0
+    assert_same_run(tmp_path, reference)
+
+
+def test_resume_refuses_other_rows_of_the_same_count_and_changed_hyperparameters(
+    reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys
+):
+    """Resume used to check the row count only, and took --learning_rate 0.5 --lora_alpha 64 silently (exit 0)."""
+    from conftest import synthetic_rows, write_canonical_csv
+
+    checkpoint = reference / "checkpoints" / "step_5"
+    same_count = write_canonical_csv(tmp_path / "other.csv", synthetic_rows(480, seed=11))
+    assert cli(args(tiny_model_dir, same_count, tmp_path / "a", resume_from_checkpoint=checkpoint)) == 2
+    err = capsys.readouterr().err
+    assert "other train rows (sha256" in err and "other validation rows" in err, err
+    argv = args(tiny_model_dir, synthetic_train_csv, tmp_path / "b", resume_from_checkpoint=checkpoint,
+                learning_rate=0.5, lora_alpha=64)
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "--learning_rate 0.005 (now 0.5)" in err and "--lora_alpha 16 (now 64)" in err, err
+    # Cadence and tracking may change: listed in config.RESUMABLE_OPTIONS.
+    argv = args(tiny_model_dir, synthetic_train_csv, tmp_path / "c", resume_from_checkpoint=checkpoint, eval_steps=3,
+                logging_steps=1, save_total_limit=1, per_device_eval_batch_size=7)
+    assert cli(argv) == 0
+
+
+def test_trainer_state_with_wrong_types_is_a_clear_error(reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    checkpoint = tmp_path / "step_5"
+    shutil.copytree(reference / "checkpoints" / "step_5", checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["counters"]["step"] = "five"
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path / "out", resume_from_checkpoint=checkpoint)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: checkpoint file {checkpoint / 'trainer_state.json'}") and "counter step is 'five'" in err
+
+
+def test_latest_names_the_older_checkpoint_when_the_newest_is_corrupt(reference, tiny_model_dir, synthetic_train_csv,
+                                                                      tmp_path, capsys):
+    out = tmp_path / "out"
+    for step in (4, 5):
+        shutil.copytree(reference / "checkpoints" / f"step_{step}", out / "checkpoints" / f"step_{step}")
+    (out / "checkpoints" / "step_5" / "optimizer.bin").write_bytes(b"garbage")
+    assert cli(args(tiny_model_dir, synthetic_train_csv, out, resume_from_checkpoint="latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "optimizer.bin is missing or corrupt" in err and f"pass the older {out / 'checkpoints' / 'step_4'}" in err, err
 
 
 def test_resuming_a_differently_shaped_run_is_a_clear_error(reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys):

@@ -118,3 +118,47 @@ def test_invalid_values_are_usage_errors(argv, message):
 def test_invalid_choice_exits_with_argparse_error():
     with pytest.raises(SystemExit):
         parse_config(["--lora_bias", "some"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max_grad_norm", "-1"], r"--max_grad_norm must be >= 0"),  # was gradient ascent, exit 0
+        (["--learning_rate", "-0.1"], r"--learning_rate must be > 0"),
+        (["--learning_rate", "nan"], r"--learning_rate must be a finite number"),
+        (["--weight_decay", "-0.5"], r"--weight_decay must be >= 0"),
+        (["--lora_alpha", "0"], r"--lora_alpha must be > 0"),
+        (["--label_smoothing", "inf"], r"--label_smoothing must be a finite number"),
+    ],
+)
+def test_wrong_result_values_are_refused_at_parse_time(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("classifier_head: pooler\n", r"classifier_head: 'pooler': invalid choice"),
+        ("lora_bias: sometimes\n", r"lora_bias: 'sometimes': invalid choice"),
+        ("lr_scheduler_type: wiggly\n", r"lr_scheduler_type: 'wiggly': invalid choice"),
+        ("mixed_precision: fp8\n", r"mixed_precision: 'fp8': invalid choice"),
+        ("save_steps: 2.5\n", r"save_steps: 2.5: invalid int value"),
+        ("lora_bias: null\n", r"lora_bias is null"),
+        ("learning_rate: {a: 1}\n", r"learning_rate must be a value"),
+        ("max_grad_norm: -1\n", r"--max_grad_norm must be >= 0"),
+    ],
+)
+def test_yaml_values_pass_the_same_checks_as_flags(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        parse_config(["--config", str(path)])
+
+
+def test_yaml_scalar_for_a_list_option_is_one_item_and_null_keeps_none(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("wandb_tags: mytag\nlora_target_modules: query\nmax_train_steps: null\nlearning_rate: 2e-4\n")
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.wandb_tags == ["mytag"] and cfg.lora_target_modules == ["query"]
+    assert cfg.max_train_steps is None and cfg.learning_rate == 2e-4

@@ -161,6 +161,15 @@ def test_train_local_hands_the_config_and_options_to_the_trainer():
     assert "--global_batch_size" in proc.stdout  # the trainer's own --help, reached through accelerate launch
 
 
+def test_train_local_reports_a_failure_without_the_launchers_traceback(tmp_path):
+    """A one-process `accelerate launch` turns the trainer's exit 2 into 1 plus a CalledProcessError traceback."""
+    proc = run_cli(["bash", "launch/train_local.sh", str(CONFIGS / "cpu.yaml"), "--max_grad_norm", "-1",
+                    "--output_dir", str(tmp_path / "out")], timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: invalid config: --max_grad_norm must be >= 0" in proc.stderr
+    assert "CalledProcessError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_script_runs_two_ranks_on_cpu(tiny_model_dir, synthetic_train_csv, tmp_path):
     out = tmp_path / "out"

@@ -92,6 +92,11 @@ def test_validation_and_test_files_and_sample_caps(synthetic_train_csv, syntheti
         ("sentence,category\nhello,1\n", ".csv", r"missing column\(s\) \['text', 'label'\]"),
         ('{"sentence": "x", "label": 1}\n', ".jsonl", r"missing column\(s\) \['text'\]"),
         ("whatever", ".xlsx", "unsupported file type"),
+        ('{"text": "hello", "label": NaN}\n', ".jsonl", "label nan is not a known class"),
+        ('{"text": "hello", "label": Infinity}\n', ".jsonl", "label inf is not a known class"),
+        ('{"text": "hello", "label": true}\n', ".jsonl", "label True is not a known class"),  # was class 1
+        ('{"text": "hello", "label": 1}\n{"text": 42, "label": 2}\n', ".jsonl", r"row 2 text is int \(42\), not a string"),
+        ('"' + "goal " * 30_000 + '",x,y\n', ".csv", "the first line is not readable as CSV"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, content, suffix, message):
@@ -148,3 +153,12 @@ def test_dataset_folder_validation_split_is_used_and_missing_columns_are_named(t
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (80, 20, 20)
     with pytest.raises(UsageError, match=r"no column\(s\) \['text', 'label'\].*--text_column_names"):
         load_splits(TrainConfig(dataset_name=str(folder)))
+def test_non_utf8_byte_offset_is_the_files_own_and_a_folder_is_named(tmp_path):
+    """The offset was counted within the decoder's 8 KiB read chunk, so a bad byte past it was misplaced."""
+    path = tmp_path / "late.csv"
+    good = ('"1","title","' + "x" * 20_000 + '"\n').encode()
+    path.write_bytes(good + b'"2","Caf\xe9","d"\n')
+    with pytest.raises(UsageError, match=rf"byte {len(good) + 8}: invalid continuation byte"):
+        read_labelled_file(str(path), LABELS)
+    with pytest.raises(UsageError, match="is a folder, not a file"):
+        read_labelled_file(str(tmp_path), LABELS)

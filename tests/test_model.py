@@ -148,3 +148,44 @@ def test_casting_frozen_weights_to_bf16_leaves_autocast_math_unchanged(tiny_mode
     batch = {"input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1]]), "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 1, 0]])}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(reference(**batch).logits, cast(**batch).logits)
+
+
+def copy_model(tiny_model_dir, folder, skip=()):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, folder, ignore=lambda _, names: [n for n in names if n in skip])
+    return folder
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tiny_model_dir, tmp_path):
+    """transformers builds a 5-token tokenizer for such a folder: every text became <s></s> and training 'worked'."""
+    from peft_agnews.model import load_tokenizer
+
+    folder = copy_model(tiny_model_dir, tmp_path / "no-tokenizer", skip=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(UsageError, match=r"has 5 tokens but the model's vocabulary has \d+: the folder lacks its tokenizer"):
+        load_tokenizer(TrainConfig(model_name_or_path=str(folder)))
+    # With the tokenizer named separately the same folder trains.
+    assert len(load_tokenizer(TrainConfig(model_name_or_path=str(folder), tokenizer_name=str(tiny_model_dir)))) > 5
+
+
+def test_missing_model_is_named_as_a_model_problem(tmp_path):
+    from peft_agnews.model import load_tokenizer
+
+    with pytest.raises(UsageError, match=r"could not load model '.*nowhere'.*check --model_name_or_path"):
+        load_tokenizer(TrainConfig(model_name_or_path=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_model_weights_are_one_error(tiny_model_dir, tmp_path, damage):
+    folder = copy_model(tiny_model_dir, tmp_path / "damaged")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2] if damage == "truncated" else b"")
+    with pytest.raises(UsageError, match=r"could not load model .*damaged.*check --model_name_or_path"):
+        load_base_model(TrainConfig(model_name_or_path=str(folder)))
+
+
+def test_label_count_other_than_the_saved_heads_is_one_error(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path / "with-head")
+    RobertaForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4).save_pretrained(folder)
+    with pytest.raises(UsageError, match=r"saved classification head for another number of classes than the 3 label"):
+        load_base_model(TrainConfig(model_name_or_path=str(folder), label_names=["a", "b", "c"]))

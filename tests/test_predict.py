@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -162,3 +163,106 @@ def test_overriding_the_base_with_a_fitting_model_warns(trained_adapter_run, tin
     assert cli(["--adapter_dir", str(trained_adapter_run / "adapter"), "--model_name_or_path", str(other),
                 "--input_file", str(tmp_path / "in.txt"), "--output_file", str(tmp_path / "pred.csv")]) == 0
     assert f"was trained on {tiny_model_dir}; loading it on {other}" in capsys.readouterr().err
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_planted_temp_symlink_is_never_written_through(trained_adapter_run, tmp_path):
+    """Another user's symlink at the old fixed temp name `<output>.tmp` made predict overwrite its target."""
+    (tmp_path / "in.txt").write_text("goal coach season\nshares profit\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "pred.csv"
+    (tmp_path / "pred.csv.tmp").symlink_to(victim)
+    predict(trained_adapter_run / "adapter", tmp_path / "in.txt", out)
+    assert victim.read_text() == "precious\n"
+    assert not out.is_symlink() and pd.read_csv(out).ID.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_output_is_refused_before_scoring(trained_adapter_run, tmp_path, capsys, monkeypatch, where):
+    from peft_agnews import predict as predict_module
+
+    (tmp_path / "in.txt").write_text("goal coach season\n")
+    (tmp_path / "a_file").write_text("")
+    # /proc refuses new files even to root (a read-only folder does not stop root).
+    out = tmp_path / "a_file" / "pred.csv" if where == "under_a_file" else Path("/proc/peft-agnews-pred.csv")
+    monkeypatch.setattr(predict_module, "score_texts", lambda *a: pytest.fail("scored before checking the output"))
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--input_file", str(tmp_path / "in.txt"),
+            "--output_file", str(out)]
+    assert cli(argv) == 2
+    assert f"cannot write to {out.parent}" in one_error_line(capsys)
+
+
+@pytest.fixture
+def adapter_copy(trained_adapter_run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(trained_adapter_run / "adapter", tmp_path / "adapter"))
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("adapter_config.json", "{not json", "adapter_config.json is damaged"),
+        ("adapter_config.json", None, "adapter_config.json is damaged"),  # "r": "eight"
+        ("adapter_model.safetensors", b"", "adapter_model.safetensors is damaged"),
+        ("adapter_model.safetensors", "half", "adapter_model.safetensors is damaged"),
+        ("labels.json", '{"id2label": {"0": "A", "2": "C"}}', "labels.json is damaged"),
+        ("labels.json", "[1, 2", "labels.json is damaged"),
+    ],
+)
+def test_damaged_adapter_files_are_one_error(adapter_copy, tmp_path, capsys, file, content, message):
+    path = adapter_copy / file
+    if content is None:
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "r": "eight"}))
+    elif content == "half":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    (tmp_path / "in.txt").write_text("goal coach season\n")
+    out = tmp_path / "pred.csv"
+    assert cli(["--adapter_dir", str(adapter_copy), "--input_file", str(tmp_path / "in.txt"), "--output_file", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_label_names_other_than_a_merged_heads_count_are_one_error(trained_adapter_run, tiny_model_dir, tmp_path, capsys):
+    """An adapter loaded on a base that carries a saved 4-class head, with 3 label names: was a RuntimeError."""
+    import shutil
+
+    from transformers import RobertaForSequenceClassification
+
+    base = Path(shutil.copytree(tiny_model_dir, tmp_path / "with-head"))
+    RobertaForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4).save_pretrained(base)
+    (tmp_path / "in.txt").write_text("goal coach season\n")
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--model_name_or_path", str(base),
+            "--input_file", str(tmp_path / "in.txt"), "--output_file", str(tmp_path / "pred.csv"), "--label_names", "A", "B", "C"]
+    assert cli(argv) == 2
+    assert "for another number of classes than the 3 label names" in one_error_line(capsys)
+
+
+def test_non_string_text_and_a_folder_as_input_are_named(trained_adapter_run, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "goal coach"}\n{"text": 17}\n')
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--output_file", str(tmp_path / "pred.csv")]
+    assert cli([*argv, "--input_file", str(tmp_path / "in.jsonl")]) == 2
+    assert "row 2 text is int (17), not a string" in one_error_line(capsys)
+    assert cli([*argv, "--input_file", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in one_error_line(capsys)
+
+
+def test_first_csv_line_over_the_csv_field_limit_is_one_error(trained_adapter_run, tmp_path, capsys):
+    """A first line over 128 KiB raised _csv.Error from the canonical-format sniffing."""
+    head_long = tmp_path / "long_first.csv"
+    head_long.write_text('"' + "goal " * 30_000 + '",x\nshares,y\n')
+    out = tmp_path / "pred.csv"
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--output_file", str(out)]
+    assert cli([*argv, "--input_file", str(head_long)]) == 2
+    assert "first line" in one_error_line(capsys)
