@@ -167,6 +167,14 @@ HEAD_FILE = "head.json"
 CUSTOM_HEADS = ("first_token", "mean")
 
 
+def custom_head_warning(head: str) -> str:
+    return (
+        f"warning: --classifier_head {head} is a research head: plain PEFT cannot load the adapter this run writes "
+        "(PeftModel.from_pretrained fails, export --merge refuses it); only peft-agnews evaluate/predict/export read "
+        "it. Use --classifier_head model_output for a standard, equally cheap head."
+    )
+
+
 class _MaskSlot:
     """Where the current batch's attention mask waits for the head. PEFT deep-copies the head into
     `modules_to_save`; sharing (not copying) the slot keeps both copies reading the mask of the same forward."""
