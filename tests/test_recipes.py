@@ -432,10 +432,10 @@ def test_recipe_adapter_loads_with_plain_transformers_and_peft(recipe, recipe_ru
 
     adapter = recipe_runs(recipe) / "adapter"
     base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
-    assert not (adapter / "head.json").exists()  # nothing only peft-agnews could read
     done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(adapter), str(base), json.dumps(PLAIN_TEXTS)],
                           capture_output=True, text=True, timeout=300, cwd=adapter)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (adapter / "head.json").exists()  # nothing only peft-agnews could read
     plain = json.loads(done.stdout.strip().splitlines()[-1])
     ours = load_classifier(ModelArgs(adapter_dir=str(adapter)))
     with torch.inference_mode():
