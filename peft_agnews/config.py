@@ -88,10 +88,12 @@ class TrainConfig:
     )
     use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = _opt(False, "DoRA: learn a magnitude per output feature on top of the LoRA direction.")
-    classifier_head: Literal["model", "first_token", "mean"] = _opt(
+    classifier_head: Literal["model", "model_output", "first_token", "mean"] = _opt(
         "model",
-        "Head: 'model' keeps the base class's own head; 'first_token' / 'mean' use one Linear over the first "
-        "token / the masked mean of the last hidden states (a few thousand parameters).",
+        "Head: 'model' trains the base class's own head in full (roberta: 593,668 parameters); 'model_output' "
+        "keeps that head but trains only its output Linear (roberta: 3,076; inner layers stay as initialised and "
+        "are saved with the adapter). Both load with plain PEFT. Research options that plain PEFT cannot load: "
+        "'first_token' / 'mean', one Linear over the first token / the masked mean of the last hidden states.",
     )
     max_trainable_params: int = _opt(1_000_000, "Refuse to train more parameters than this.")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")

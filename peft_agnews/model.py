@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -91,7 +92,7 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     if cfg.model_dropout is not None:
         set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
-    model = get_peft_model(base, lora_config(cfg, rank))
+    model = wrap_with_lora(base, cfg, rank)
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(
@@ -112,6 +113,33 @@ def check_target_modules(base: torch.nn.Module, targets: list[str]) -> None:
             f"--lora_target_modules {unknown} not found in {type(base).__name__}; its Linear modules are "
             f"{linear_module_names(base)} (a dotted suffix such as 'attention.output.dense' also works)"
         )
+
+
+def wrap_with_lora(base: PreTrainedModel, cfg: TrainConfig, rank: int) -> PeftModel:
+    """get_peft_model, then (for --classifier_head model_output) only the head's output Linear left trainable."""
+    model = get_peft_model(base, lora_config(cfg, rank))
+    if cfg.classifier_head == "model_output":
+        train_only_head_output(model)
+    return model
+
+
+def train_only_head_output(model: PeftModel) -> None:
+    """Freeze the head's inner layers (roberta's `classifier.dense`), keep its last Linear trainable.
+
+    PEFT's SEQ_CLS task always puts `classifier`/`score` in modules_to_save (a trained copy of the whole head)
+    and excludes everything inside it from LoRA targets, so LoRA on `classifier.dense` is not possible. The
+    frozen layers still live in that copy, so they are saved with the adapter and plain
+    `PeftModel.from_pretrained` restores the very weights trained with (roberta-base's checkpoint has no
+    `classifier.dense`: a fresh base draws it anew).
+    """
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for head in wrapper.modules_to_save.values():
+            linears = [mod for mod in head.modules() if isinstance(mod, torch.nn.Linear)]
+            head.requires_grad_(False)
+            if linears:
+                linears[-1].requires_grad_(True)
 
 
 def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
@@ -153,7 +181,7 @@ def lora_trainable_count(model_config, model_class: type, cfg: TrainConfig, rank
     with torch.device("meta"):
         skeleton = model_class(model_config)
     replace_head(skeleton, cfg.classifier_head)
-    return count_parameters(get_peft_model(skeleton, lora_config(cfg, rank)))[0]
+    return count_parameters(wrap_with_lora(skeleton, cfg, rank))[0]
 
 
 def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
@@ -176,7 +204,16 @@ def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 HEAD_FILE = "head.json"
-HEADS = ("model", "first_token", "mean")
+# Heads of our own: only peft-agnews can build them, so plain PEFT cannot load (or merge) their adapters.
+CUSTOM_HEADS = ("first_token", "mean")
+
+
+def custom_head_warning(head: str) -> str:
+    return (
+        f"warning: --classifier_head {head} is a research head: plain PEFT cannot load the adapter this run writes "
+        "(PeftModel.from_pretrained fails, export --merge refuses it); only peft-agnews evaluate/predict/export read "
+        "it. Use --classifier_head model_output for a standard, equally cheap head."
+    )
 
 
 class _MaskSlot:
@@ -219,12 +256,12 @@ def set_dropout(model: torch.nn.Module, rate: float) -> int:
 
 
 def replace_head(base: PreTrainedModel, head: str) -> None:
-    """Swap the base class's head for a PooledLinearHead (in place); 'model' keeps it.
+    """Swap the base class's head for a PooledLinearHead (in place); 'model' and 'model_output' keep it.
 
     The head always receives the last hidden states: a BERT-style pooler (dense + tanh over the first token)
     becomes a pass-through, and the base's own dropout before the head is kept, so the head adds none there.
     """
-    if head == "model":
+    if head not in CUSTOM_HEADS:
         return
     if not isinstance(getattr(base, "classifier", None), torch.nn.Module):
         raise UsageError(
@@ -246,13 +283,14 @@ def replace_head(base: PreTrainedModel, head: str) -> None:
 
 
 def save_head_choice(adapter_dir: Path, head: str) -> None:
-    """Record a non-default head next to the adapter: loading it needs the same head built first."""
-    if head != "model":
+    """Record a custom head next to the adapter: loading it needs the same head built first."""
+    if head in CUSTOM_HEADS:
         (Path(adapter_dir) / HEAD_FILE).write_text(json.dumps({"classifier_head": head}) + "\n")
 
 
 def read_head_choice(adapter_dir: Path) -> str:
-    """The head an adapter was trained with ('model' when no head.json); a damaged head.json is a UsageError."""
+    """The custom head an adapter was trained with ('model' when no head.json: the base class's own head, which
+    plain PEFT rebuilds); a damaged head.json is a UsageError."""
     file = Path(adapter_dir) / HEAD_FILE
     if not file.is_file():
         return "model"
@@ -260,8 +298,8 @@ def read_head_choice(adapter_dir: Path) -> str:
         head = json.loads(file.read_text())["classifier_head"]
     except (ValueError, KeyError, TypeError):
         head = None
-    if head not in HEADS:
-        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(HEADS)}}}); "
+    if head not in CUSTOM_HEADS:
+        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(CUSTOM_HEADS)}}}); "
                          "restore it from the training run's adapter folder")
     return head
 

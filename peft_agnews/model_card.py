@@ -13,6 +13,7 @@ from huggingface_hub import ModelCardData
 from peft_agnews.config import TrainConfig
 from peft_agnews.export import write_json
 from peft_agnews.files import atomic_write
+from peft_agnews.model import CUSTOM_HEADS
 from peft_agnews.plots import write_run_plots
 
 CARD_FILE = "README.md"
@@ -85,7 +86,8 @@ Per class on the validation split (the adapter saved is the one with the best va
 ## Training recipe
 
 - Base model: `{cfg.model_name_or_path}`; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout},
-  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; classifier head trained.
+  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; classifier head:
+  `{cfg.classifier_head}`.
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).
 - AdamW, learning rate {cfg.learning_rate}, weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm};
   {cfg.lr_scheduler_type} schedule with {cfg.warmup_ratio:.0%} warmup.
@@ -102,22 +104,49 @@ Per class on the validation split (the adapter saved is the one with the best va
 
 ## How to use
 
-```bash
+{_how_to_use(cfg.model_name_or_path, names, cfg.classifier_head)}
+"""
+
+
+def _how_to_use(base_model: str, names: list[str], head: str) -> str:
+    commands = """```bash
 peft-agnews predict --adapter_dir <this folder> --input_file texts.csv --output_file predictions.csv
 peft-agnews evaluate --adapter_dir <this folder> --test_file labelled.csv
-peft-agnews export --adapter_dir <this folder> --merge --output_dir merged   # standalone model
-```
+""" + ("" if head in CUSTOM_HEADS else "peft-agnews export --adapter_dir <this folder> --merge --output_dir merged   # standalone model\n") + "```"
+    labels = f"""labels = {names!r}
+id2label, label2id = dict(enumerate(labels)), {{name: i for i, name in enumerate(labels)}}"""
+    base = f"""base = AutoModelForSequenceClassification.from_pretrained(
+    "{base_model}", num_labels={len(names)}, id2label=id2label, label2id=label2id)"""
+    if head in CUSTOM_HEADS:
+        return f"""{commands}
+
+Trained with the research head `--classifier_head {head}` (`head.json`): plain PEFT cannot load this adapter; build
+the head with peft-agnews first.
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-labels = {names!r}
-base = AutoModelForSequenceClassification.from_pretrained(
-    "{cfg.model_name_or_path}", num_labels={len(names)}, id2label=dict(enumerate(labels)))
+from peft_agnews.model import replace_head
+{labels}
+{base}
+replace_head(base, "{head}")
 model = PeftModel.from_pretrained(base, "<this folder>").eval()
 tokenizer = AutoTokenizer.from_pretrained("<this folder>")
-```
-"""
+```"""
+    return f"""{commands}
+
+```python
+from peft import AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+{labels}
+# One line, with the base named in adapter_config.json:
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    "<this folder>", num_labels={len(names)}, id2label=id2label, label2id=label2id).eval()
+# Or with the base from anywhere:
+{base}
+model = PeftModel.from_pretrained(base, "<this folder>").eval()
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+```"""
 
 
 def merged_card(base_model: str, adapter_dir: Path, label_names: list[str], max_length: int) -> str:

@@ -62,11 +62,13 @@ from peft_agnews.evaluation import (
 from peft_agnews.export import save_adapter, write_json
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
+    CUSTOM_HEADS,
     GradientFlowError,
     apply_lora,
     trainable_breakdown,
     cast_frozen_linear_weights,
     check_gradient_flow,
+    custom_head_warning,
     count_parameters,
     load_base_model,
     load_tokenizer,
@@ -171,6 +173,8 @@ def run(cfg: TrainConfig) -> dict | None:
 
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     wall_start = time.perf_counter()
+    if cfg.classifier_head in CUSTOM_HEADS and accelerator.is_main_process:
+        print(custom_head_warning(cfg.classifier_head), file=sys.stderr)
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
     resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints", cfg.overwrite_output_dir, accelerator.print)

@@ -56,30 +56,46 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-roberta"))
 
 
-def build_tiny_model(out: Path) -> Path:
-    """A 2-layer, 32-wide RoBERTa encoder (briefly pretrained, see _pretrain) + word-level tokenizer, saved
-    like a Hub checkpoint."""
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """The BERT twin of tiny_model_dir (the MiniLM proxy's architecture: a pretrained pooler, a one-Linear head)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), arch="bert")
+
+
+def build_tiny_model(out: Path, arch: str = "roberta") -> Path:
+    """A 2-layer, 32-wide RoBERTa (or BERT) encoder (briefly pretrained, see _pretrain) + word-level tokenizer,
+    saved like a Hub checkpoint."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     words = sorted({w for ws in CLASS_WORDS for w in ws} | set(FILLER) | {w.capitalize() for ws in CLASS_WORDS for w in ws})
     words += sorted({w.capitalize() for w in FILLER})
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    cls, pad, sep, unk = ("<s>", "<pad>", "</s>", "<unk>") if arch == "roberta" else ("[CLS]", "[PAD]", "[SEP]", "[UNK]")
+    vocab = {cls: 0, pad: 1, sep: 2, unk: 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    processing = processors.RobertaProcessing if arch == "roberta" else processors.BertProcessing
+    backend.post_processor = processing((sep, 2), (cls, 0))
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        cls_token="<s>", sep_token="</s>", model_max_length=128,
+        tokenizer_object=backend, pad_token=pad, unk_token=unk, cls_token=cls, sep_token=sep, model_max_length=128,
+        **({"bos_token": cls, "eos_token": sep} if arch == "roberta" else {}),
     )
     tokenizer.save_pretrained(out)
-    config = RobertaConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=4,
-    )
+    shape = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=160, pad_token_id=1, num_labels=4)
     torch.manual_seed(0)
-    _pretrain(RobertaForSequenceClassification(config), tokenizer).roberta.save_pretrained(out)
+    if arch == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(**shape, bos_token_id=0, eos_token_id=2))
+        _pretrain(model, tokenizer).roberta.save_pretrained(out)
+    else:  # BERT's encoder includes its pooler, pretrained like MiniLM's
+        _pretrain(BertForSequenceClassification(BertConfig(**shape)), tokenizer).bert.save_pretrained(out)
     return out
 
 

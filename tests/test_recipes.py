@@ -247,7 +247,7 @@ def test_proxy_recipe_takes_the_model_dir_from_the_environment(monkeypatch):
         parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
     monkeypatch.setenv("MINILM_DIR", "/models/minilm")
     cfg = parse_config(["--config", str(RECIPES / "proxy-minilm.yaml")])
-    assert cfg.model_name_or_path == "/models/minilm" and cfg.classifier_head == "mean"
+    assert cfg.model_name_or_path == "/models/minilm" and cfg.classifier_head == "model_output"
 
 
 # --- ensembling ----------------------------------------------------------------------------------------------
@@ -363,3 +363,153 @@ def test_a_damaged_head_json_is_one_clear_error(two_adapters, tmp_path, capsys):
     assert evaluate_cli(["--adapter_dir", str(damaged), "--test_file", "unused.csv"]) == 2
     err = capsys.readouterr().err
     assert "head.json is damaged" in err and "Traceback" not in err
+
+
+# --- every recipe's adapter is a standard one -----------------------------------------------------------------
+
+# Each recipe's head and LoRA settings on the tiny model of its base's architecture (MiniLM is a BERT).
+RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert"}
+PLAIN_TEXTS = ["Striker scores late goal as coach praises season", "Shares of the bank fell after earnings report",
+               "Minister meets rebels at border summit"]
+# Run in a fresh interpreter: only Transformers + PEFT, as a user without this package would load the adapter.
+PLAIN_LOAD = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+adapter, base_dir, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+id2label = {int(i): name for i, name in json.load(open(f"{adapter}/labels.json"))["id2label"].items()}
+base = AutoModelForSequenceClassification.from_pretrained(
+    base_dir, num_labels=len(id2label), id2label=id2label, label2id={name: i for i, name in id2label.items()})
+model = PeftModel.from_pretrained(base, adapter).eval()
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+with torch.no_grad():
+    logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+# The one-liner: the base named in adapter_config.json, built by PEFT (kwargs reach its from_pretrained).
+from peft import AutoPeftModelForSequenceClassification
+auto = AutoPeftModelForSequenceClassification.from_pretrained(
+    adapter, num_labels=len(id2label), id2label=id2label, label2id={name: i for i, name in id2label.items()}).eval()
+with torch.no_grad():
+    auto_logits = auto(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+assert not any(name.startswith("peft_agnews") for name in sys.modules)
+print(json.dumps({"logits": logits.tolist(), "auto_logits": auto_logits.tolist(),
+                  "labels": [model.config.id2label[i] for i in logits.argmax(-1).tolist()],
+                  "auto_labels": [auto.config.id2label[i] for i in auto_logits.argmax(-1).tolist()]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tiny_model_dir, tiny_bert_dir, synthetic_train_csv, tmp_path_factory) -> dict[str, Path]:
+    """A few-step training run of each recipe file on the tiny model of its architecture (lazily, per recipe)."""
+    runs: dict[str, Path] = {}
+
+    def run(recipe: str) -> Path:
+        if recipe not in runs:
+            base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
+            out = tmp_path_factory.mktemp(recipe.split(".")[0])
+            argv = ["--config", str(RECIPES / recipe),
+                    *tiny_train_args(base, synthetic_train_csv, out, max_train_steps=4, eval_steps=4,
+                                     gradient_checkpointing="false", mixed_precision="no")]
+            with pytest.MonkeyPatch.context() as patch:  # the proxy recipe names its base through $MINILM_DIR
+                patch.setenv("MINILM_DIR", str(base))
+                assert cli(argv) == 0
+            runs[recipe] = out
+        return runs[recipe]
+
+    return run
+
+
+def test_recipe_files_are_the_ones_tested():
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(RECIPE_ARCH)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_ARCH))
+def test_recipe_adapter_loads_with_plain_transformers_and_peft(recipe, recipe_runs, tiny_model_dir, tiny_bert_dir):
+    import subprocess
+    import sys
+
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    adapter = recipe_runs(recipe) / "adapter"
+    base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(adapter), str(base), json.dumps(PLAIN_TEXTS)],
+                          capture_output=True, text=True, timeout=300, cwd=adapter)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (adapter / "head.json").exists()  # nothing only peft-agnews could read
+    plain = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = load_classifier(ModelArgs(adapter_dir=str(adapter)))
+    with torch.inference_mode():
+        logits = ours.model(**ours.tokenizer(PLAIN_TEXTS, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(torch.tensor(plain["logits"]), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(plain["auto_logits"]), logits, atol=1e-5, rtol=0)
+    assert plain["labels"] == plain["auto_labels"] == [ours.label_names[i] for i in logits.argmax(-1)]
+    assert set(plain["labels"]) <= set(ours.label_names) == {"World", "Sports", "Business", "Sci/Tech"}
+
+
+@pytest.mark.parametrize("recipe", ["reference.yaml", "proxy-minilm.yaml"])
+def test_the_model_cards_loading_snippet_runs_as_written_and_names_the_labels(recipe, recipe_runs):
+    import subprocess
+    import sys
+
+    adapter = recipe_runs(recipe) / "adapter"
+    card = (adapter / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(adapter))
+    assert "AutoPeftModelForSequenceClassification" in snippet and "label2id=label2id" in snippet
+    check = "\nimport sys\nassert 'peft_agnews' not in sys.modules\nprint(model.config.id2label, tokenizer('x').input_ids)\n"
+    done = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300,
+                          cwd=adapter)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "{0: 'World', 1: 'Sports', 2: 'Business', 3: 'Sci/Tech'}" in done.stdout
+
+
+@pytest.mark.parametrize("recipe", ["best.yaml", "proxy-minilm.yaml"])
+def test_recipe_adapter_merges_and_classifies_with_label_names_in_a_pipeline(recipe, recipe_runs, tmp_path):
+    from transformers import pipeline
+
+    from peft_agnews.export_model import cli as export_cli
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    adapter = recipe_runs(recipe) / "adapter"
+    merged = tmp_path / "merged"
+    assert export_cli(["--adapter_dir", str(adapter), "--merge", "--output_dir", str(merged)]) == 0
+    results = pipeline("text-classification", model=str(merged), device="cpu")(PLAIN_TEXTS)
+    ours = load_classifier(ModelArgs(adapter_dir=str(adapter)))
+    with torch.inference_mode():
+        probs = ours.model(**ours.tokenizer(PLAIN_TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert [r["label"] for r in results] == [ours.label_names[i] for i in probs.argmax(-1)]
+    assert [r["score"] for r in results] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+
+
+def test_model_output_head_trains_only_the_heads_output_linear_and_saves_the_rest(tiny_model_dir):
+    from peft import get_peft_model_state_dict
+
+    full, cheap = tiny(tiny_model_dir), tiny(tiny_model_dir, classifier_head="model_output")
+    assert trainable_breakdown(full)["classifier head"] == 32 * 32 + 32 + 32 * 4 + 4  # dense + out_proj
+    assert trainable_breakdown(cheap)["classifier head"] == 32 * 4 + 4  # out_proj only
+    trained = {n for n, p in cheap.named_parameters() if p.requires_grad and "classifier" in n}
+    assert trained == {f"base_model.model.classifier.modules_to_save.default.out_proj.{k}" for k in ("weight", "bias")}
+    # The frozen dense is saved with the adapter: a fresh base draws roberta's classifier.dense anew.
+    saved = {k for k in get_peft_model_state_dict(cheap) if "classifier" in k}
+    assert saved == {f"base_model.model.classifier.{m}.{k}" for m in ("dense", "out_proj") for k in ("weight", "bias")}
+
+
+def test_the_reference_count_is_unchanged_and_best_keeps_rank_5_with_the_standard_head():
+    reference = apply_lora(RobertaForSequenceClassification(roberta_base_config()),
+                           parse_config(["--config", str(RECIPES / "reference.yaml"), "--gradient_checkpointing", "false"]))
+    assert count_parameters(reference)[0] == 907_012
+    best_cfg = parse_config(["--config", str(RECIPES / "best.yaml"), "--gradient_checkpointing", "false"])
+    best = apply_lora(RobertaForSequenceClassification(roberta_base_config()), best_cfg)
+    assert best_cfg.classifier_head == "model_output"
+    assert (best.peft_config["default"].r, count_parameters(best)[0]) == (5, 915_460)
+    assert trainable_breakdown(best)["classifier head"] == 3_076
+
+
+@pytest.mark.parametrize("head", ["first_token", "mean"])
+def test_a_custom_head_run_warns_at_start_that_plain_peft_cannot_load_it(head, tiny_model_dir, synthetic_train_csv,
+                                                                         tmp_path, capsys):
+    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", classifier_head=head, dry_run="true")
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --classifier_head {head} is a research head: plain PEFT cannot load" in err
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", dry_run="true")) == 0
+    assert "research head" not in capsys.readouterr().err
