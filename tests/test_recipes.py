@@ -336,6 +336,21 @@ def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapter
         torch.testing.assert_close(loaded(**inputs).logits, by_hand(**inputs).logits)
 
 
+def test_model_card_loading_snippet_runs_as_written_for_a_custom_head(two_adapters):
+    """The card's Python snippet, pasted with the folder filled in, builds the head and loads the adapter."""
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    card = (two_adapters[0] / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(two_adapters[0]))
+    assert "replace_head(base, 'mean')" in snippet
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 (our own generated card)
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    with torch.inference_mode():
+        torch.testing.assert_close(namespace["model"](**inputs).logits,
+                                   load_classifier(ModelArgs(adapter_dir=str(two_adapters[0]))).model(**inputs).logits)
+
+
 def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapters, tmp_path, capsys):
     from peft_agnews.export_model import cli as export_cli
     from peft_agnews.inference import ModelArgs, load_classifier
