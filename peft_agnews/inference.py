@@ -69,7 +69,6 @@ class Classifier:
     tokenizer: PreTrainedTokenizerBase
     label_names: list[str]
     base_model: str
-    adapter_dir: Path | None = None
 
 
 def load_classifier(args: ModelArgs) -> Classifier:
@@ -115,7 +114,7 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except RuntimeError as err:  # a mismatch the shape check did not foresee: keep PEFT's first line only
         raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {_first_line(err)}") from None
-    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name, adapter_dir=adapter_dir)
+    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name)
 
 
 def _saved_label_names(adapter_dir: Path) -> list[str]:
