@@ -155,7 +155,7 @@ def test_console_command_dispatches_to_predict(capsys):
     assert peft_agnews(["predikt"]) == 2 and "unknown command 'predikt'" in capsys.readouterr().err
     # The installed console script, as users type it (next to this interpreter, as pip puts it).
     proc = run_cli([str(Path(sys.executable).with_name("peft-agnews")), "predict", "--input_file", "x.txt"], timeout=120)
-    assert proc.returncode == 2 and proc.stdout.strip().splitlines()[-1].startswith("error: give --adapter_dir"), proc.stdout
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give --adapter_dir"), proc.stderr
 
 
 def test_overriding_the_base_with_a_fitting_model_warns(trained_adapter_run, tiny_model_dir, tmp_path, capsys):
