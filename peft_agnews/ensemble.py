@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoTokenizer
 
 from peft_agnews.data import read_labelled_file
@@ -40,11 +39,6 @@ def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:
     return bases.pop(), list(labels.pop()), heads.pop()
 
 
-def load_member(adapter_dir: str) -> PeftModel:
-    """The base with one adapter (and its recorded head) attached, in eval mode: the loader evaluate/predict use."""
-    return load_classifier(ModelArgs(adapter_dir=adapter_dir)).model
-
-
 @torch.inference_mode()
 def predict_probabilities(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
     """Softmax probabilities, shape (examples, classes)."""
@@ -57,7 +51,9 @@ def predict_probabilities(model: torch.nn.Module, encoded: dict[str, torch.Tenso
 def ensemble_probabilities(adapter_dirs: list[str], encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
     """Mean over the adapters of their probabilities (members must share base, labels and head)."""
     check_members(adapter_dirs)
-    total = sum(predict_probabilities(load_member(d), encoded, batch_size) for d in adapter_dirs)
+    # Each member with the loader evaluate/predict use (base, recorded head, adapter), one at a time.
+    total = sum(predict_probabilities(load_classifier(ModelArgs(adapter_dir=d)).model, encoded, batch_size)
+                for d in adapter_dirs)
     return total / len(adapter_dirs)
 
 

@@ -75,7 +75,6 @@ class Classifier:
     tokenizer: PreTrainedTokenizerBase
     label_names: list[str]
     base_model: str
-    adapter_dir: Path | None = None
 
 
 def load_classifier(args: ModelArgs) -> Classifier:
@@ -121,7 +120,7 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:  # not foreseen above: keep PEFT's first line
         raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {_first_line(err)}") from None
-    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name, adapter_dir=adapter_dir)
+    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name)
 
 
 def damaged(file: Path, detail: str) -> UsageError:

@@ -6,6 +6,7 @@ does and on which split, what it is for, and how to load it. The YAML header is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCardData
@@ -55,8 +56,9 @@ def _intended_use(label_names: list[str], max_length: int) -> str:
     )
 
 
-def adapter_card(cfg: TrainConfig, results: dict, validation: dict) -> str:
-    """The README.md written into <output_dir>/adapter at the end of training."""
+def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: int) -> str:
+    """The README.md written into <output_dir>/adapter at the end of training. `lora_rank` is the rank the run
+    used (the one chosen when `--lora_r auto`)."""
     names = cfg.resolved_label_names()
     trainable, total = results["trainable_params"], results["total_params"]
     data = f"`{cfg.train_file}`" if cfg.train_file else f"the Hub dataset `{cfg.dataset_name}` (train split)"
@@ -69,6 +71,12 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict) -> str:
         source = f"`{cfg.test_file}`" if cfg.test_file else f"the `{cfg.dataset_name}` test split"
         rows.append((f"test ({source})", {**test, "num_examples": results["test_examples"]}))
     effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * results["num_processes"]
+    head = "the model's own classifier head" if cfg.classifier_head == "model" else (
+        f"a `{cfg.classifier_head}` pooling head (one Linear)"
+    )
+    rank_note = " (auto: the largest that fits the budget)" if cfg.lora_r == "auto" else ""
+    if cfg.lora_rank_pattern:
+        rank_note += f" (per module: {', '.join(cfg.lora_rank_pattern)})"
     return f"""{_header(cfg.model_name_or_path, "peft", names)}
 # LoRA text classifier on {cfg.model_name_or_path}
 
@@ -85,9 +93,8 @@ Per class on the validation split (the adapter saved is the one with the best va
 
 ## Training recipe
 
-- Base model: `{cfg.model_name_or_path}`; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout},
-  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; classifier head:
-  `{cfg.classifier_head}`.
+- Base model: `{cfg.model_name_or_path}`; LoRA r={lora_rank}{rank_note}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout},
+  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; {head} trained.
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).
 - AdamW, learning rate {cfg.learning_rate}, weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm};
   {cfg.lr_scheduler_type} schedule with {cfg.warmup_ratio:.0%} warmup.
@@ -126,7 +133,7 @@ the head with peft-agnews first.
 ```python
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from peft_agnews.model import replace_head
+from peft_agnews import replace_head
 {labels}
 {base}
 replace_head(base, "{head}")
@@ -179,7 +186,10 @@ def write_card(folder: Path, text: str) -> None:
 
 
 def write_run_report(out: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:
-    """End of training (main process): the validation report, the plots, and the adapter's model card."""
+    """End of training (main process, after the adapter is saved): the validation report, the plots, and the
+    adapter's model card."""
     write_json(out / VALIDATION_REPORT, validation)
     write_run_plots(out)
-    write_card(out / "adapter", adapter_card(cfg, results, validation))
+    # The saved adapter's own config holds the rank it was trained with (cfg.lora_r may be 'auto').
+    rank = json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]
+    write_card(out / "adapter", adapter_card(cfg, results, validation, rank))

@@ -259,9 +259,6 @@ class RunLogger:
         artifact.add_dir(str(adapter_dir))
         run.log_artifact(artifact, aliases=["best", "latest"])
 
-    def finish(self) -> None:
-        self.accelerator.end_training()
-
     @staticmethod
     def _append(path: Path, record: dict[str, Any]) -> None:
         append_line(path, json.dumps(record))

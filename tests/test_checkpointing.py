@@ -357,6 +357,7 @@ def test_sigterm_to_one_rank_and_sigkill_then_resume_is_exact_two_processes(tiny
     assert json.loads((out / "results.json").read_text())["num_processes"] == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_the_metrics_log_and_the_same_wandb_run(tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch):
     """A run stopped after step 12 with its last checkpoint at step 5 resumes from it: metrics.jsonl drops the
     events logged after the checkpoint and continues, and W&B reopens the run id stored in the checkpoint."""

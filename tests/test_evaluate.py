@@ -116,6 +116,7 @@ def test_two_processes_count_each_example_once(trained_adapter_run, odd_test_csv
     assert proc.stdout.count("metrics written to") == 1
 
 
+@pytest.mark.slow
 def test_runs_as_a_module():
     proc = run_cli([sys.executable, "-m", "peft_agnews.evaluate", "--help"], timeout=120)
     assert proc.returncode == 0 and "--test_file" in proc.stdout and "--adapter_dir" in proc.stdout

@@ -84,7 +84,7 @@ def test_training_writes_a_model_card(trained_adapter_run):
     results = json.loads((trained_adapter_run / "results.json").read_text())
     validation = json.loads((trained_adapter_run / "eval_validation.json").read_text())
     assert header["library_name"] == "peft" and header["base_model"].endswith("tiny-roberta0")
-    assert f"Trainable parameters: {results['trainable_params']:,} of {results['total_params']:,}" in card
+    assert f"Trainable parameters: 3,364 of {results['total_params']:,}" in card  # LoRA r=8 on the tiny model
     assert "LoRA r=8, alpha=16" in card and "`query`" in card and "`value`" in card
     assert f"validation (best step {results['best_step']} of 8)" in card
     assert f"| {validation['num_examples']} | {results['best_eval_accuracy']:.4f} |" in card
@@ -104,8 +104,23 @@ def test_card_reports_each_split_it_was_measured_on():
                "test_loss": 0.3, "test_examples": 7600}
     validation = {"accuracy": 0.91, "f1_macro": 0.905, "loss": 0.28, "num_examples": 1043,
                   "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 260} for n in LABELS}}
-    card = adapter_card(cfg, results, validation)
+    card = adapter_card(cfg, results, validation, lora_rank=8)
     assert "| validation (best step 400 of 600) | 1043 | 0.9100 | 0.9050 | 0.2800 |" in card
     assert "| test (`test.csv`) | 7600 | 0.9000 | 0.8900 | 0.3000 |" in card
     assert "Trainable parameters: 907,012 of 125,555,720 (0.72%)" in card
     assert "x 2 process(es) = 256" in card.replace("\n  ", " ")
+
+
+def test_card_names_the_rank_that_auto_chose_and_the_head():
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model_card import adapter_card
+
+    cfg = TrainConfig(model_name_or_path="roberta-base", train_file="train.csv", lora_r="auto", classifier_head="mean")
+    results = {"trainable_params": 915_460, "total_params": 125_555_720, "best_step": 4, "global_step": 8,
+               "num_processes": 1, "mixed_precision": "no"}
+    validation = {"accuracy": 0.5, "f1_macro": 0.5, "loss": 1.0, "num_examples": 8,
+                  "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for n in LABELS}}
+    card = adapter_card(cfg, results, validation, lora_rank=5)
+    assert "LoRA r=5 (auto: the largest that fits the budget), alpha=16" in card and "r=auto" not in card
+    assert "a `mean` pooling head (one Linear) trained" in card
+    assert 'replace_head(base, "mean")' in card  # the loading snippet builds the head before PeftModel loads

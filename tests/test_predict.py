@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (
-    REPO, accelerate_launch, direct_logits, load_adapter_directly, run_cli, synthetic_rows, write_canonical_csv,
+    accelerate_launch, direct_logits, load_adapter_directly, run_cli, synthetic_rows, write_canonical_csv,
 )
 from peft_agnews.predict import cli, main
 
@@ -143,6 +143,7 @@ def test_two_processes_write_every_row_once_in_input_order(trained_adapter_run, 
     assert proc.stdout.count("wrote 33 predictions") == 1  # only the main process writes
 
 
+@pytest.mark.slow
 def test_console_command_dispatches_to_predict(capsys):
     """`peft-agnews predict` (the console script runs peft_agnews.cli:main) reaches predict's parser and errors."""
     from peft_agnews.cli import main as peft_agnews
@@ -152,7 +153,9 @@ def test_console_command_dispatches_to_predict(capsys):
     assert peft_agnews(["predict", "--input_file", "x.txt"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: give --adapter_dir")
     assert peft_agnews(["predikt"]) == 2 and "unknown command 'predikt'" in capsys.readouterr().err
-    assert 'peft-agnews = "peft_agnews.cli:main"' in (REPO / "pyproject.toml").read_text()
+    # The installed console script, as users type it (next to this interpreter, as pip puts it).
+    proc = run_cli([str(Path(sys.executable).with_name("peft-agnews")), "predict", "--input_file", "x.txt"], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give --adapter_dir"), proc.stderr
 
 
 def test_overriding_the_base_with_a_fitting_model_warns(trained_adapter_run, tiny_model_dir, tmp_path, capsys):

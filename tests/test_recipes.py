@@ -264,12 +264,21 @@ def two_adapters(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> list[
 
 
 @pytest.mark.slow
-def test_ensemble_averages_the_members_probabilities(two_adapters):
-    from peft_agnews.ensemble import ensemble_probabilities, load_member, predict_probabilities
+def test_ensemble_averages_the_members_probabilities(two_adapters, tiny_model_dir):
+    from peft import PeftModel
+
+    from peft_agnews.ensemble import ensemble_probabilities
+    from peft_agnews.model import replace_head
+
+    def by_hand(adapter_dir):  # each member loaded the plain PEFT way, its head built first
+        base = load_base_model(TrainConfig(model_name_or_path=str(tiny_model_dir)))
+        replace_head(base, "mean")
+        with torch.inference_mode():
+            return PeftModel.from_pretrained(base, adapter_dir).eval()(**inputs).logits.softmax(-1)
 
     dirs = [str(d) for d in two_adapters]
     inputs = {k: v for k, v in BATCH.items() if k != "labels"}
-    members = [predict_probabilities(load_member(d), inputs) for d in dirs]
+    members = [by_hand(d) for d in dirs]
     assert not torch.allclose(members[0], members[1])  # two different adapters...
     torch.testing.assert_close(members[0].sum(-1), torch.ones(3))
     torch.testing.assert_close(ensemble_probabilities(dirs, inputs), (members[0] + members[1]) / 2)
@@ -334,6 +343,21 @@ def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapter
     by_hand = PeftModel.from_pretrained(base, two_adapters[0]).eval()
     with torch.inference_mode():
         torch.testing.assert_close(loaded(**inputs).logits, by_hand(**inputs).logits)
+
+
+def test_model_card_loading_snippet_runs_as_written_for_a_custom_head(two_adapters):
+    """The card's Python snippet, pasted with the folder filled in, builds the head and loads the adapter."""
+    from peft_agnews.inference import ModelArgs, load_classifier
+
+    card = (two_adapters[0] / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(two_adapters[0]))
+    assert "replace_head(base, 'mean')" in snippet
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 (our own generated card)
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    with torch.inference_mode():
+        torch.testing.assert_close(namespace["model"](**inputs).logits,
+                                   load_classifier(ModelArgs(adapter_dir=str(two_adapters[0]))).model(**inputs).logits)
 
 
 def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapters, tmp_path, capsys):

@@ -263,7 +263,8 @@ def test_api_key_is_never_written_or_printed(tracked_run):
 # --------------------------------------------------------------------------------------- processes and resume
 @pytest.mark.slow
 def test_resume_run_id_reopens_the_same_wandb_run(tmp_path, wandb_dirs):
-    """The hook for resuming: `RunLogger.run_id` is what to store, `start(resume_run_id=...)` continues that run."""
+    """What --resume_from_checkpoint relies on: `RunLogger.run_id` (stored in the checkpoint) passed back to
+    `start(resume_run_id=...)` continues the same W&B run (the whole path: test_checkpointing.py)."""
     code = """
 import sys
 from pathlib import Path
@@ -276,7 +277,7 @@ def session(out, resume_run_id, step):
     logger.start(TrainConfig(output_dir=out, report_to="offline"), {"seed": 1}, resume_run_id=resume_run_id)
     logger.log({"train/loss": 1.0 / step}, step=step)
     run_id = logger.run_id
-    logger.finish()
+    logger.accelerator.end_training()
     return run_id
 
 first = session(sys.argv[1], None, 1)

@@ -1,0 +1,107 @@
+"""Pinned numbers (as torchtune's recipe tests do): a short run of the reference recipe on the tiny model must
+reproduce stored losses and accuracies.
+
+Equivalence tests compare two runs and cannot see a change that moves every run alike (a loss scaled differently,
+a schedule off by one step, a different batch order or LoRA init); this one can. The run: the reference recipe
+(`TrainConfig` defaults: LoRA r=8, alpha 16, dropout 0.2, lora_only bias on query+value, AdamW with weight decay
+0.01, clipping 1.0, linear schedule with 10% warmup, gradient checkpointing, seed 37) sized by
+`conftest.tiny_train_args` (micro-batch 16 x 2 accumulation, lr 5e-3, 12 steps) with the recipe's LoRA dropout,
+forced to fp32 on CPU.
+
+Measured spread: 1 vs 2 threads and AVX-512 vs AVX2 kernels moved losses by at most 2e-7 relative, so the
+tolerance (1e-5 relative) is tight. When a change moves these numbers on purpose, say why in the commit and
+refresh them with `python tests/test_regression.py` (prints the values to paste below).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, tiny_train_args
+
+PINNED = {
+    "train_loss": [
+        1.38775634765625, 1.3849711418151855, 1.3671958446502686, 1.3096649646759033, 1.2680789232254028,
+        1.196986198425293, 1.1588501930236816, 1.0917584896087646, 1.0438003540039062, 1.0291591882705688,
+        1.0021984577178955, 0.9999662637710571,
+    ],
+    "eval": [(6, 35 / 48, 1.1543326377868652), (12, 35 / 48, 0.9917070269584656)],  # (step, accuracy, loss)
+    "best_step": 6,  # steps 6 and 12 tie: the earlier one is kept
+    "test_accuracy": 86 / 120,
+    "test_loss": 1.153362512588501,
+    "trainable_params": 3364,
+}
+RTOL = 1e-5
+
+
+def recipe_args(model_dir: Path, train_file: Path, test_file: Path, out: Path) -> list[str]:
+    return tiny_train_args(model_dir, train_file, out, test_file=test_file, mixed_precision="no", logging_steps=1,
+                           lora_dropout=0.2)
+
+
+def observed(out: Path) -> dict:
+    """The pinned quantities, read from a finished run's metrics.jsonl and results.json."""
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    return {
+        "train_loss": [e["train/loss"] for e in events if "train/loss" in e],
+        "eval": [(e["step"], e["eval/accuracy"], e["eval/loss"]) for e in events if "eval/accuracy" in e],
+        **{key: results[key] for key in ("best_step", "test_accuracy", "test_loss", "trainable_params")},
+    }
+
+
+@pytest.fixture(scope="module")
+def pinned_model_dir(tmp_path_factory) -> Path:
+    """The conftest tiny model, built on one thread so its weights do not depend on the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_model(tmp_path_factory.mktemp("pinned-tiny-roberta"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reference_recipe_reproduces_pinned_losses_and_accuracy(
+    threads, pinned_model_dir, synthetic_train_csv, synthetic_test_csv, tmp_path
+):
+    from peft_agnews.train import cli
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert cli(recipe_args(pinned_model_dir, synthetic_train_csv, synthetic_test_csv, tmp_path)) == 0
+    finally:
+        torch.set_num_threads(before)
+    got = observed(tmp_path)
+    assert got["trainable_params"] == PINNED["trainable_params"]
+    assert got["train_loss"] == pytest.approx(PINNED["train_loss"], rel=RTOL)
+    assert [(step, acc) for step, acc, _ in got["eval"]] == [(step, acc) for step, acc, _ in PINNED["eval"]]
+    assert [loss for *_, loss in got["eval"]] == pytest.approx([loss for *_, loss in PINNED["eval"]], rel=RTOL)
+    assert got["best_step"] == PINNED["best_step"]
+    assert got["test_accuracy"] == PINNED["test_accuracy"]
+    assert got["test_loss"] == pytest.approx(PINNED["test_loss"], rel=RTOL)
+    # The model card reports this run's numbers: the pinned best step and validation accuracy.
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"| validation (best step 6 of 12) | 48 | {35 / 48:.4f} |" in card
+    assert f"| test (`{synthetic_test_csv}`) | 120 | {86 / 120:.4f} |" in card
+
+
+if __name__ == "__main__":  # refresh PINNED: print the numbers this code produces now
+    import tempfile
+
+    from conftest import synthetic_rows, write_canonical_csv
+    from peft_agnews.train import cli
+
+    root = Path(tempfile.mkdtemp())
+    torch.set_num_threads(1)
+    model_dir = build_tiny_model(root / "tiny")
+    train_file = write_canonical_csv(root / "train.csv", synthetic_rows(480, seed=1))  # = synthetic_train_csv
+    test_file = write_canonical_csv(root / "test.csv", synthetic_rows(120, seed=2))  # = synthetic_test_csv
+    assert cli(recipe_args(model_dir, train_file, test_file, root / "run")) == 0
+    print(json.dumps(observed(root / "run"), indent=1), file=sys.stderr)
