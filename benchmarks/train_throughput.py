@@ -280,7 +280,8 @@ def main(argv=None) -> None:
               f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | {r['eval_samples_s']:.1f} | {r['first_step_s']:.1f} |")
     by = {r["runner"]: r for r in rows}
     if "ours" in by and "trainer" in by:
-        print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x")
+        print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x; "
+              f"MFU ours {by['ours']['mfu']:.1%}, trainer {by['trainer']['mfu']:.1%}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "rows": rows}, indent=2))
 
