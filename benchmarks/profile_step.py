@@ -98,7 +98,6 @@ def main(argv=None) -> None:
     model.train()
     batches = iter(loader)
     phases = collections.defaultdict(list)
-    tokens = []
 
     def step(timed: bool, profiler=None) -> None:
         marks = [time.perf_counter()]
@@ -113,7 +112,7 @@ def main(argv=None) -> None:
             profiler.stop()
         marks.append(time.perf_counter())
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        math.isfinite(float(loss.detach()) + float(norm))
+        math.isfinite(float(loss.detach()) + float(norm))  # the loop's health check: one host sync per step
         marks.append(time.perf_counter())
         optimizer.step()
         optimizer.zero_grad()
@@ -122,7 +121,6 @@ def main(argv=None) -> None:
             for name, a, b in zip(("next batch (collation)", "forward", "backward", "clip + health", "optimizer"),
                                   marks, marks[1:]):
                 phases[name].append(b - a)
-            tokens.append(int(batch["attention_mask"].sum()))
             phases["shape"].append(tuple(batch["input_ids"].shape))
 
     for _ in range(args.warmup):
