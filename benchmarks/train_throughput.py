@@ -353,7 +353,8 @@ def main(argv=None) -> None:
           + f"; CPU bf16 flags: {rows[0]['cpu_bf16_flags']}")
     by = {r["runner"]: r for r in rows}
     if "ours" in by and "trainer" in by:
-        print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x")
+        print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x; "
+              f"MFU ours {by['ours']['mfu']:.1%}, trainer {by['trainer']['mfu']:.1%}")
     for a, b in (("ours_typed", "trainer"), ("ours_typed", "ours")):
         if a in by and b in by:
             print(f"{a} / {b} (train samples/s): {by[a]['samples_s'] / by[b]['samples_s']:.2f}x")

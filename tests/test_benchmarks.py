@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -20,11 +21,12 @@ def test_train_throughput_benchmark_runs_both_loops(tiny_model_dir, synthetic_tr
         "--json_out", str(out), "--runners", "ours,ours_typed,trainer",
     ])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| ours |" in proc.stdout and "| trainer |" in proc.stdout and "ours / trainer" in proc.stdout
+    assert "| ours |" in proc.stdout and "| trainer |" in proc.stdout
+    assert re.search(r"ours / trainer \(train samples/s\): [\d.]+x; MFU ours [\d.]+%, trainer [\d.]+%", proc.stdout)
     assert "| ours_typed |" in proc.stdout and "ours_typed / trainer" in proc.stdout
     rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
     for row in rows.values():
-        assert row["samples_s"] > 0 and 0 < row["pad_eff"] <= 1 and row["eval_samples_s"] > 0
+        assert row["samples_s"] > 0 and 0 < row["pad_eff"] <= 1 and row["eval_samples_s"] > 0 and row["mfu"] > 0
 
 
 @pytest.mark.slow
@@ -36,3 +38,18 @@ def test_step_time_benchmark_times_each_variant_in_its_own_process():
     assert [r[1].strip() for r in rows] == ["dropout", "no_dropout"] and all(float(r[3]) > 0 for r in rows)
     bad = run_cli([sys.executable, "benchmarks/step_time.py", "--variants", "fast"])
     assert bad.returncode != 0 and "unknown variant 'fast'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_profile_step_benchmark_splits_a_step_into_rows(tiny_model_dir, synthetic_train_csv):
+    proc = run_cli([sys.executable, "benchmarks/profile_step.py", "--model_dir", str(tiny_model_dir), "--data",
+                    str(synthetic_train_csv), "--precision", "bf16", "--batch_size", "8", "--warmup", "1", "--steps", "2"],
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    for row in ("matmuls (Linear: addmm/mm)", "dropout masks", "optimizer", "next batch (collation)", "**step**"):
+        assert row in rows, proc.stdout[-2000:]
+    step = float(rows.pop("**step**").strip("*"))
+    # The rows add up to the step (each printed to 1 ms).
+    assert step > 0 and sum(float(v) for v in rows.values()) == pytest.approx(step, abs=0.0005 * (len(rows) + 1))
