@@ -50,7 +50,7 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     if cfg.model_dropout is not None:
         set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
-    model = get_peft_model(base, lora_config(cfg, rank))
+    model = get_peft_model(base, lora_config(cfg, rank, base.config.num_hidden_layers))
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(
@@ -73,7 +73,8 @@ def check_target_modules(base: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
-def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
+def lora_config(cfg: TrainConfig, rank: int, num_layers: int) -> LoraConfig:
+    layers = lora_layer_indices(cfg.lora_layers, num_layers)
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # marks the classifier head as trainable (modules_to_save) and saves it
         r=rank,
@@ -81,10 +82,23 @@ def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
         lora_dropout=cfg.lora_dropout,
         bias=cfg.lora_bias,
         target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=layers,  # PEFT finds the layer index after `layer.`/`layers.` in module names
         rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
     )
+
+
+def lora_layer_indices(spec: str, num_layers: int) -> list[int] | None:
+    """--lora_layers ('all', 'topK' or 'i,j') as PEFT's `layers_to_transform`; None means every layer."""
+    if spec == "all":
+        return None
+    wanted = list(range(num_layers - int(spec[3:]), num_layers)) if spec.startswith("top") else sorted(
+        {int(i) for i in spec.split(",")})
+    if wanted[0] < 0 or wanted[-1] >= num_layers:
+        raise UsageError(f"--lora_layers {spec} asks for layers the model lacks: it has {num_layers} "
+                         f"(0-{num_layers - 1}; top1-top{num_layers})")
+    return None if wanted == list(range(num_layers)) else wanted
 
 
 def pick_lora_rank(base: PreTrainedModel, cfg: TrainConfig) -> int:
@@ -112,7 +126,7 @@ def lora_trainable_count(model_config, model_class: type, cfg: TrainConfig, rank
     with torch.device("meta"):
         skeleton = model_class(model_config)
     replace_head(skeleton, cfg.classifier_head)
-    return count_parameters(get_peft_model(skeleton, lora_config(cfg, rank)))[0]
+    return count_parameters(get_peft_model(skeleton, lora_config(cfg, rank, model_config.num_hidden_layers)))[0]
 
 
 def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
