@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassification
 
-from conftest import accelerate_launch, tiny_train_args
+from conftest import REPO, accelerate_launch, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, frozen_depth
-from peft_agnews.model import apply_lora, lora_layer_indices
+from peft_agnews.model import apply_lora, count_parameters, lora_layer_indices
 from peft_agnews.objectives import classification_loss
 from peft_agnews.prefix_cache import KEY_FILE, PrefixCache
 from peft_agnews.train import cli
@@ -245,3 +245,13 @@ def test_cache_limit_and_layers_reach_the_command_line(tiny_model_dir, synthetic
     assert cli(args) == 2
     assert "over --frozen_prefix_cache_max_gb 1e-06" in capsys.readouterr().err
     assert parse_config(["--lora_layers", "top3"]).lora_layers == "top3"
+
+
+def test_fast_recipe_fits_the_budget_on_roberta_base_with_a_cached_bottom_half(shared_data):
+    cfg = parse_config(["--config", str(REPO / "recipes" / "fast.yaml")])
+    config = AutoConfig.from_pretrained(shared_data / "roberta-base-tokenizer")
+    config.num_labels, config.vocab_size = 4, 1000
+    model = apply_lora(RobertaForSequenceClassification(config), cfg)
+    assert count_parameters(model)[0] == 966_916 < 1_000_000
+    assert model.peft_config["default"].r == 4 and frozen_depth(model) == 6
+    assert cfg.cache_frozen_prefix and cfg.model_dropout == 0 and cfg.classifier_head == "model"
