@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--final_seeds", type=int, nargs="*", default=[2, 3],
                         help="screen: seeds at which the baseline and the pick run next (none: stop after screening)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only variants whose name starts with these")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the variants of these names")
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--work_dir", default="/tmp/peft_agnews_time_to_accuracy")
     args = parser.parse_args()
@@ -110,7 +110,7 @@ def main() -> None:
         for seed in seeds:
             for name, options in variants.items():
                 done = {(r["variant"], r["seed"]) for r in records}
-                if (name, seed) in done or (args.only and not name.startswith(tuple(args.only))):
+                if (name, seed) in done or (args.only and name not in args.only):
                     continue
                 try:
                     run_variant(name, options, seed, work_dir, records, results_file)

@@ -255,3 +255,12 @@ def test_fast_recipe_fits_the_budget_on_roberta_base_with_a_cached_bottom_half(s
     assert count_parameters(model)[0] == 966_916 < 1_000_000
     assert model.peft_config["default"].r == 4 and frozen_depth(model) == 6
     assert cfg.cache_frozen_prefix and cfg.model_dropout == 0 and cfg.classifier_head == "model"
+
+
+def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypatch):
+    """EXPERIMENTS.md measured proxy-minilm.yaml + these overrides (benchmarks/time_to_accuracy.py)."""
+    monkeypatch.setenv("MINILM_DIR", "/models/minilm")
+    fast = parse_config(["--config", str(REPO / "recipes" / "proxy-fast.yaml")])
+    overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
+                 "--mixed_precision", "bf16"]
+    assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])
