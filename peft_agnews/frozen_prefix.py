@@ -54,19 +54,22 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
         return hidden_states
 
 
-def encoder_layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The `<base>.encoder.layer` list of BERT-style encoders (RoBERTa, BERT, MiniLM, ...); None for others."""
+def _encoder_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The bare encoder (`model.roberta`, `model.bert`, ...) under the task head and the PEFT wrapper."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    encoder = getattr(getattr(base, getattr(base, "base_model_prefix", ""), None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
+    return getattr(base, getattr(base, "base_model_prefix", ""), None)
+
+
+def encoder_layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The `<encoder>.encoder.layer` list of BERT-style encoders (RoBERTa, BERT, MiniLM, ...); None for others."""
+    layers = getattr(getattr(_encoder_model(model), "encoder", None), "layer", None)
     return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
 def frozen_depth(model: torch.nn.Module) -> int:
     """How many bottom layers, with the embeddings under them, hold no trainable parameter (0: none can skip)."""
     layers = encoder_layer_list(model)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    embeddings = getattr(getattr(base, getattr(base, "base_model_prefix", ""), None), "embeddings", None)
+    embeddings = getattr(_encoder_model(model), "embeddings", None)
     if layers is None or embeddings is None or _trains(embeddings):
         return 0
     return next((i for i, layer in enumerate(layers) if _trains(layer)), len(layers))
@@ -74,9 +77,7 @@ def frozen_depth(model: torch.nn.Module) -> int:
 
 def prefix_modules(model: torch.nn.Module, depth: int) -> list[torch.nn.Module]:
     """The modules whose weights decide the prefix output: the embeddings and the first `depth` layers."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    encoder = getattr(base, base.base_model_prefix)
-    return [encoder.embeddings, *list(encoder.encoder.layer._modules.values())[:depth]]
+    return [_encoder_model(model).embeddings, *list(encoder_layer_list(model)._modules.values())[:depth]]
 
 
 def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
@@ -90,9 +91,8 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
     layers = encoder_layer_list(model)
     if depth == 0 or layers is None:
         return None
-    encoder = getattr(model.get_base_model(), model.get_base_model().base_model_prefix).encoder
     prefix_layers = FrozenPrefixLayers(list(layers._modules.values()), depth)
-    encoder.layer = prefix_layers
+    _encoder_model(model).encoder.layer = prefix_layers
 
     def take_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         prefix_layers.rows = kwargs.pop(ROWS_KEY, None)
@@ -105,8 +105,7 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
 def describe_prefix(prefix: FrozenPrefixLayers, cfg: TrainConfig, lengths: list[int], hidden_size: int,
                     dtype: torch.dtype, folder: Path) -> str:
     """The plan's line on the prefix: its depth and, with the cache, the cache's size and place."""
-    line = (f"frozen prefix: embeddings + layers 0-{prefix.depth - 1} of {len(prefix)} run without autograd"
-            if prefix.depth else "frozen prefix: none")
+    line = f"frozen prefix: embeddings + layers 0-{prefix.depth - 1} of {len(prefix)} run without autograd"
     if cfg.cache_frozen_prefix:
         line += (f"; cache {cache_bytes(lengths, hidden_size, dtype) / 1e9:.2f} GB ({sum(lengths):,} tokens x "
                  f"{hidden_size} x {dtype.itemsize} B, {str(dtype).removeprefix('torch.')}) in {folder}, "
