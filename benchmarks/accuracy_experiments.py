@@ -92,9 +92,11 @@ def wait_for_cpu() -> None:
 
 
 def run_one(options: dict, seed: int, train_samples: int | None, eval_samples: int | None, epochs: float,
-            out: Path, precision: str = "no") -> dict:
+            out: Path, precision: str | None = None) -> dict:
     options = {**options, **COMMON, "model_name_or_path": minilm_dir(), "seed": seed, "output_dir": str(out),
-               "overwrite_output_dir": "true", "num_train_epochs": epochs, "mixed_precision": precision}
+               "overwrite_output_dir": "true", "num_train_epochs": epochs}
+    if precision:  # COMMON pins fp32; a run may choose another precision
+        options["mixed_precision"] = precision
     if train_samples:
         options["max_train_samples"] = train_samples
     if eval_samples:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from peft_agnews.config import TrainConfig
+from peft_agnews.prefix_cache import ROWS_KEY
 
 # Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
 PAD_TO_MULTIPLE_OF = 8
@@ -80,6 +81,9 @@ def make_dataloaders(
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
     model_columns = ["input_ids", "attention_mask", "labels"]
     train: Dataset = tokenized["train"]
+    if cfg.cache_frozen_prefix:  # the cache is addressed by training row
+        train = train.add_column(ROWS_KEY, list(range(len(train))))
+        model_columns = [*model_columns, ROWS_KEY]
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
     sampler = LengthGroupedSampler(train["length"], global_batch, cfg.seed, cfg.group_by_length)
     loaders = {

@@ -83,6 +83,11 @@ class TrainConfig:
     )
     lora_bias: Literal["none", "all", "lora_only"] = _opt("lora_only", "Which biases to train.")
     lora_target_modules: list[str] = _opt(["query", "value"], "Module names that get LoRA adapters.")
+    lora_layers: str = _opt(
+        "all",
+        "Transformer layers that get LoRA: 'all', 'topK' (the K layers nearest the head, e.g. top2) or indices "
+        "such as '4,5'. The embeddings and the layers below the lowest trained one then run without autograd.",
+    )
     lora_rank_pattern: list[str] = _opt(
         [], "Per-module ranks as MODULE=RANK (e.g. intermediate.dense=4); other targets use --lora_r."
     )
@@ -97,6 +102,16 @@ class TrainConfig:
     )
     max_trainable_params: int = _opt(1_000_000, "Refuse to train more parameters than this.")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")
+    frozen_prefix: bool = _opt(
+        True, "Run the frozen prefix (embeddings and the layers below --lora_layers) without autograd: same "
+        "results, no backward through it; false runs the plain model.",
+    )
+    cache_frozen_prefix: bool = _opt(
+        False,
+        "With --lora_layers leaving a frozen prefix: compute its output once per training example, keep it under "
+        "output_dir/prefix_cache, and read it in later epochs (needs dropout 0 there: --model_dropout 0).",
+    )
+    frozen_prefix_cache_max_gb: float = _opt(20.0, "Refuse to build a frozen-prefix cache larger than this (GB).")
     # Optimisation
     learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
@@ -167,6 +182,7 @@ class TrainConfig:
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
         self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
         self.lora_r = _parse_rank(self.lora_r)
+        self.lora_layers = str(self.lora_layers).strip().lower().replace(" ", "")
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK
         # A NaN passes every comparison below as False, and inf makes no sense for any float option.
@@ -195,6 +211,10 @@ class TrainConfig:
             (self.rdrop_alpha >= 0, "--rdrop_alpha must be >= 0"),
             (self.head_learning_rate is None or self.head_learning_rate > 0, "--head_learning_rate must be > 0"),
             (self.max_length >= 8, "--max_length must be >= 8"),
+            (re.fullmatch(r"all|top[1-9]\d*|\d+(,\d+)*", self.lora_layers) is not None,
+             f"--lora_layers {self.lora_layers!r} is not 'all', 'topK' (e.g. top2) or layer indices (e.g. 4,5)"),
+            (self.frozen_prefix_cache_max_gb > 0, "--frozen_prefix_cache_max_gb must be > 0"),
+            (self.frozen_prefix or not self.cache_frozen_prefix, "--cache_frozen_prefix needs --frozen_prefix true"),
             (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),

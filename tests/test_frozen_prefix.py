@@ -1,0 +1,266 @@
+"""--lora_layers, the frozen prefix (no autograd below the trained layers) and its opt-in activation cache.
+
+Exactness (fp32, dropout off): the prefix mode trains the same adapter as the plain model with the same LoRA
+layers, and the cache the same adapter as no cache, at 1 and 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassification
+
+from conftest import REPO, accelerate_launch, tiny_train_args
+from peft_agnews.config import TrainConfig, parse_config
+from peft_agnews.errors import UsageError
+from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, frozen_depth
+from peft_agnews.model import apply_lora, count_parameters, lora_layer_indices
+from peft_agnews.objectives import classification_loss
+from peft_agnews.prefix_cache import KEY_FILE, PrefixCache
+from peft_agnews.train import cli
+
+BATCH = {
+    "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1], [0, 11, 2, 1, 1]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+    "labels": torch.tensor([0, 3, 1]),
+}
+
+
+def four_layer_model(**options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=64, num_labels=4, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    return apply_lora(RobertaForSequenceClassification(config), TrainConfig(lora_dropout=0.0, **options))
+
+
+# --- --lora_layers --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [("all", None), ("top2", [4, 5]), ("top6", None), ("4, 1", [1, 4]),
+                                            ("0,1,2,3,4,5", None)])
+def test_lora_layers_resolve_to_layer_indices(spec, expected):
+    assert lora_layer_indices(TrainConfig(lora_layers=spec).lora_layers, 6) == expected
+
+
+@pytest.mark.parametrize("spec", ["top0", "bottom2", "1-3", ""])
+def test_malformed_lora_layers_are_refused(spec):
+    with pytest.raises(UsageError, match="--lora_layers .* is not 'all', 'topK'"):
+        TrainConfig(lora_layers=spec)
+
+
+@pytest.mark.parametrize("spec", ["top7", "6"])
+def test_lora_layers_beyond_the_model_name_its_layer_count(spec):
+    with pytest.raises(UsageError, match="asks for layers the model lacks: it has 6"):
+        lora_layer_indices(spec, 6)
+
+
+def test_lora_goes_only_on_the_chosen_layers_and_the_rest_is_a_frozen_prefix():
+    model = four_layer_model(lora_layers="top1", gradient_checkpointing=False)
+    lora_layers = {int(n.split("layer.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert lora_layers == {3}
+    assert model.peft_config["default"].layers_to_transform == [3]
+    assert frozen_depth(model) == 3
+    assert frozen_depth(four_layer_model(gradient_checkpointing=False)) == 0
+
+
+# --- the prefix mode -----------------------------------------------------------------------------------------
+
+def layer_calls_and_grads(frozen_prefix: bool) -> tuple[list[int], dict[str, torch.Tensor], torch.Tensor]:
+    """Forward + backward of one batch with gradient checkpointing on: forward calls per layer, LoRA grads, loss."""
+    model = four_layer_model(lora_layers="top2", gradient_checkpointing=True)
+    if frozen_prefix:
+        assert isinstance(enable_frozen_prefix(model), FrozenPrefixLayers)
+    calls = [0] * 4
+    layers = model.get_base_model().roberta.encoder.layer
+    for i, layer in enumerate(layers._modules.values()):  # a sub-module: checkpointing recomputes `forward`
+        layer.attention.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.train()
+    loss = classification_loss(model, BATCH)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return calls, grads, loss.detach()
+
+
+def test_prefix_runs_once_without_autograd_and_gives_the_plain_models_gradients():
+    plain_calls, plain_grads, plain_loss = layer_calls_and_grads(frozen_prefix=False)
+    calls, grads, loss = layer_calls_and_grads(frozen_prefix=True)
+    # Gradient checkpointing makes the embeddings' output require grad, so the plain model recomputes (and
+    # backpropagates through) every layer; the prefix runs once and backward stops at the first LoRA layer.
+    assert plain_calls == [2, 2, 2, 2]
+    assert calls == [1, 1, 2, 2]
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and any("lora_B" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_prefix_mode_keeps_the_plain_models_state_dict_names():
+    model = four_layer_model(lora_layers="top2", gradient_checkpointing=False)
+    names = list(model.state_dict())
+    enable_frozen_prefix(model)
+    assert list(model.state_dict()) == names
+
+
+def test_nothing_is_frozen_when_every_layer_has_lora():
+    assert enable_frozen_prefix(four_layer_model(gradient_checkpointing=False)) is None
+
+
+# --- the cache -----------------------------------------------------------------------------------------------
+
+def one_process(printed: list[str]) -> SimpleNamespace:
+    return SimpleNamespace(num_processes=1, is_main_process=True, print=printed.append, wait_for_everyone=lambda: None)
+
+
+def test_cache_stores_rows_at_their_real_length_and_reads_them_back_padded(tmp_path):
+    printed = []
+    cache = PrefixCache.open(tmp_path / "c", {"k": 1}, [3, 5, 2], 4, torch.float32, one_process(printed), 1.0)
+    assert printed == [f"frozen-prefix cache: new at {tmp_path / 'c'}, 0.00 GB for 3 examples"]
+    rows = torch.tensor([2, 0])
+    assert cache.read(rows, 8) is None
+    states = torch.randn(2, 8, 4)
+    assert torch.equal(cache.write(rows, states), states)
+    assert cache.filled_count() == 2 and cache.read(torch.tensor([0, 1]), 8) is None
+    back = cache.read(torch.tensor([0, 2]), 6)
+    assert torch.equal(back[0, :3], states[1, :3]) and torch.equal(back[1, :2], states[0, :2])
+    assert not back[0, 3:].any() and not back[1, 2:].any()
+
+
+def test_cache_with_the_same_key_is_reused_and_with_another_key_rebuilt(tmp_path):
+    printed = []
+    key = {"depth": 1, "max_length": 128, "tokens": "abc"}
+    cache = PrefixCache.open(tmp_path, key, [3, 5], 4, torch.bfloat16, one_process(printed), 1.0)
+    stored = cache.write(torch.tensor([1]), torch.randn(1, 5, 4))
+    assert stored.dtype == torch.float32 and torch.equal(stored, stored.bfloat16().float())
+    del cache
+    again = PrefixCache.open(tmp_path, key, [3, 5], 4, torch.bfloat16, one_process(printed), 1.0)
+    assert "reusing" in printed[-1] and "1 of 2 examples filled" in printed[-1]
+    assert torch.equal(again.read(torch.tensor([1]), 5), stored.bfloat16())
+    other = PrefixCache.open(tmp_path, {**key, "max_length": 64}, [3, 5], 4, torch.bfloat16, one_process(printed), 1.0)
+    assert "new at" in printed[-1] and "key changed: max_length" in printed[-1]
+    assert other.filled_count() == 0
+    assert json.loads((tmp_path / KEY_FILE).read_text())["max_length"] == 64
+
+
+def test_cache_over_the_size_limit_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(UsageError, match=r"would take 0\.00 GB, over --frozen_prefix_cache_max_gb 1e-09"):
+        PrefixCache.open(tmp_path / "c", {}, [100], 32, torch.float32, one_process([]), 1e-9)
+    assert not (tmp_path / "c").exists()
+
+
+# --- end to end (fp32, dropout off): the same adapter with and without prefix mode and cache -------------------
+
+@pytest.fixture(scope="module")
+def no_dropout_model_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-no-dropout")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def prefix_args(model_dir, train_csv, out, **overrides) -> list[str]:
+    """2 epochs (the cache is filled in the first and read in the second), LoRA on the top layer of 2."""
+    return tiny_train_args(model_dir, train_csv, out, max_train_steps=None, num_train_epochs=2, eval_steps=100,
+                           per_device_train_batch_size=16, gradient_accumulation_steps=1, mixed_precision="no",
+                           lora_layers="top1", model_dropout=0.0, overwrite_output_dir="true", **overrides)
+
+
+def adapter(out):
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run, reference):
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert all(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k), "LoRA B must have moved from zero"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(no_dropout_model_dir, synthetic_train_csv, tmp_path_factory):
+    runs = {}
+    for name, options in (("plain", {"frozen_prefix": "false"}), ("prefix", {}),
+                          ("cache", {"cache_frozen_prefix": "true"})):
+        runs[name] = tmp_path_factory.mktemp(name)
+        assert cli(prefix_args(no_dropout_model_dir, synthetic_train_csv, runs[name], **options)) == 0
+    return runs
+
+
+@pytest.mark.slow
+def test_prefix_mode_trains_the_plain_models_adapter(one_process_runs):
+    config = json.loads((one_process_runs["prefix"] / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]
+    assert_same_adapter(one_process_runs["prefix"], one_process_runs["plain"])
+
+
+@pytest.mark.slow
+def test_cache_trains_the_same_adapter_and_is_reused_by_the_next_run(one_process_runs, no_dropout_model_dir,
+                                                                     synthetic_train_csv, capsys):
+    cached = one_process_runs["cache"]
+    assert_same_adapter(cached, one_process_runs["prefix"])
+    filled = (cached / "prefix_cache" / "filled.bin").read_bytes()
+    assert len(filled) == 432 and set(filled) == {1}
+    # A second run in the same folder (as a resumed run does) reads every epoch from the stored cache.
+    capsys.readouterr()
+    assert cli(prefix_args(no_dropout_model_dir, synthetic_train_csv, cached, cache_frozen_prefix="true")) == 0
+    out = capsys.readouterr().out
+    assert "frozen prefix: embeddings + layers 0-0 of 2 run without autograd; cache 0.00 GB (" in out
+    assert "reusing" in out and "432 of 432 examples filled" in out
+    assert_same_adapter(cached, one_process_runs["prefix"])
+
+
+@pytest.mark.slow
+def test_cache_at_two_processes_trains_the_same_adapter(no_dropout_model_dir, synthetic_train_csv, tmp_path):
+    runs = {}
+    for name, options in (("no-cache", {}), ("cache", {"cache_frozen_prefix": "true"})):
+        runs[name] = tmp_path / name
+        proc = accelerate_launch("cpu_ddp.yaml", prefix_args(no_dropout_model_dir, synthetic_train_csv, runs[name],
+                                                             **options))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    assert set((runs["cache"] / "prefix_cache" / "filled.bin").read_bytes()) == {1}
+    assert_same_adapter(runs["cache"], runs["no-cache"])
+
+
+def test_cache_needs_dropout_off_and_a_frozen_prefix(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    base = dict(max_train_steps=1, cache_frozen_prefix="true")
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "a", lora_layers="top1",
+                               model_dropout=0.1, **base)) == 2
+    assert "error: --cache_frozen_prefix needs dropout off in the frozen layers" in capsys.readouterr().err
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "b", **base)) == 2
+    assert "error: --cache_frozen_prefix needs frozen bottom layers" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "results.json").exists()
+
+
+def test_cache_limit_and_layers_reach_the_command_line(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "r", lora_layers="top1", model_dropout=0.0,
+                           cache_frozen_prefix="true", frozen_prefix_cache_max_gb=1e-6)
+    assert cli(args) == 2
+    assert "over --frozen_prefix_cache_max_gb 1e-06" in capsys.readouterr().err
+    assert parse_config(["--lora_layers", "top3"]).lora_layers == "top3"
+
+
+def test_fast_recipe_fits_the_budget_on_roberta_base_with_a_cached_bottom_half(shared_data):
+    cfg = parse_config(["--config", str(REPO / "recipes" / "fast.yaml")])
+    config = AutoConfig.from_pretrained(shared_data / "roberta-base-tokenizer")
+    config.num_labels, config.vocab_size = 4, 1000
+    model = apply_lora(RobertaForSequenceClassification(config), cfg)
+    assert count_parameters(model)[0] == 966_916 < 1_000_000
+    assert model.peft_config["default"].r == 4 and frozen_depth(model) == 6
+    assert cfg.cache_frozen_prefix and cfg.model_dropout == 0 and cfg.classifier_head == "model"
+
+
+def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypatch):
+    """EXPERIMENTS.md measured proxy-minilm.yaml + these overrides (benchmarks/time_to_accuracy.py)."""
+    monkeypatch.setenv("MINILM_DIR", "/models/minilm")
+    fast = parse_config(["--config", str(REPO / "recipes" / "proxy-fast.yaml")])
+    overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
+                 "--mixed_precision", "bf16"]
+    assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])
