@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from peft.utils.other import fsdp_auto_wrap_policy
@@ -92,6 +93,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerator would otherwise run N unconnected single-process copies; run them as one gloo group on CPU.
     distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     on_cpu = distributed_on_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    # Accelerate keeps one process-wide state that refuses a second precision; a second `run()` in the same
+    # interpreter (a notebook, the tests) must start from scratch, as a launched process does.
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(
         cpu=distributed_on_cpu,
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),

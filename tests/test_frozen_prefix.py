@@ -261,6 +261,9 @@ def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypa
     """EXPERIMENTS.md measured proxy-minilm.yaml + these overrides (benchmarks/time_to_accuracy.py)."""
     monkeypatch.setenv("MINILM_DIR", "/models/minilm")
     fast = parse_config(["--config", str(REPO / "recipes" / "proxy-fast.yaml")])
+    # Measured before the proxy recipe moved to the `model_output` head (LoRA on pooler.dense too): the model's
+    # own head, fully trained, and LoRA on the six encoder Linear kinds.
     overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
-                 "--mixed_precision", "bf16"]
+                 "--lora_target_modules", "query", "key", "value", "attention.output.dense", "intermediate.dense",
+                 "output.dense"]
     assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])

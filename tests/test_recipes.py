@@ -351,7 +351,7 @@ def test_model_card_loading_snippet_runs_as_written_for_a_custom_head(two_adapte
 
     card = (two_adapters[0] / "README.md").read_text()
     snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(two_adapters[0]))
-    assert "replace_head(base, 'mean')" in snippet
+    assert 'replace_head(base, "mean")' in snippet
     namespace: dict = {}
     exec(snippet, namespace)  # noqa: S102 (our own generated card)
     inputs = {k: v for k, v in BATCH.items() if k != "labels"}
@@ -392,7 +392,10 @@ def test_a_damaged_head_json_is_one_clear_error(two_adapters, tmp_path, capsys):
 # --- every recipe's adapter is a standard one -----------------------------------------------------------------
 
 # Each recipe's head and LoRA settings on the tiny model of its base's architecture (MiniLM is a BERT).
-RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert"}
+RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert", "fast.yaml": "roberta",
+               "proxy-fast.yaml": "bert"}
+# The tiny models have 2 layers: the fast recipes' top-layer LoRA (top6 / top3) becomes the top one of them.
+RECIPE_SHRINK = {"fast.yaml": ["--lora_layers", "top1"], "proxy-fast.yaml": ["--lora_layers", "top1"]}
 PLAIN_TEXTS = ["Striker scores late goal as coach praises season", "Shares of the bank fell after earnings report",
                "Minister meets rebels at border summit"]
 # Run in a fresh interpreter: only Transformers + PEFT, as a user without this package would load the adapter.
@@ -433,7 +436,8 @@ def recipe_runs(tiny_model_dir, tiny_bert_dir, synthetic_train_csv, tmp_path_fac
             out = tmp_path_factory.mktemp(recipe.split(".")[0])
             argv = ["--config", str(RECIPES / recipe),
                     *tiny_train_args(base, synthetic_train_csv, out, max_train_steps=4, eval_steps=4,
-                                     gradient_checkpointing="false", mixed_precision="no")]
+                                     gradient_checkpointing="false", mixed_precision="no"),
+                    *RECIPE_SHRINK.get(recipe, [])]
             with pytest.MonkeyPatch.context() as patch:  # the proxy recipe names its base through $MINILM_DIR
                 patch.setenv("MINILM_DIR", str(base))
                 assert cli(argv) == 0
