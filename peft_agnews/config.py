@@ -32,6 +32,9 @@ RESUMABLE_OPTIONS = (
     "eval_steps", "save_steps", "logging_steps", "save_total_limit", "early_stopping_patience",
     "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "dry_run", "max_trainable_params",
     "gradient_checkpointing", "cast_frozen_weights",
+    # Where and how fast the same math runs, and what is scored at the end: threads, the frozen prefix run under
+    # no_grad and its cache (both exact), the dataset's test split.
+    "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "evaluate_test_split",
     "report_to", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
 )
 
