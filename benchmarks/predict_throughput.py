@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from peft_agnews.export_model import main as export
-from peft_agnews.inference import ModelArgs, inference_accelerator, load_classifier, score_texts
+from peft_agnews.export import main as export
+from peft_agnews.loading import ModelArgs, inference_accelerator, load_classifier, score_texts
 from peft_agnews.predict import PredictArgs, read_unlabelled
 
 

@@ -22,9 +22,9 @@ _EXPORTS = {
     "TrainConfig": "peft_agnews.config",
     "parse_config": "peft_agnews.config",
     "run": "peft_agnews.train",
-    "load_classifier": "peft_agnews.inference",
-    "ModelArgs": "peft_agnews.inference",
-    "Classifier": "peft_agnews.inference",
+    "load_classifier": "peft_agnews.loading",
+    "ModelArgs": "peft_agnews.loading",
+    "Classifier": "peft_agnews.loading",
     "replace_head": "peft_agnews.model",
 }
 
@@ -32,7 +32,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from peft_agnews.config import TrainConfig, parse_config
-    from peft_agnews.inference import Classifier, ModelArgs, load_classifier
+    from peft_agnews.loading import Classifier, ModelArgs, load_classifier
     from peft_agnews.model import replace_head
     from peft_agnews.train import run
 

@@ -1,4 +1,4 @@
-"""Fault tolerance: small atomic checkpoints, exact resume, stop signals, and the non-finite guard.
+"""Fault tolerance: small atomic checkpoints and exact resume.
 
 A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while training, never the frozen base:
 
@@ -13,21 +13,17 @@ A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while tr
 
 Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then renamed, so a folder named
 `step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips.
-`TrainState` is the loop's counters and best weights: what trainer_state.json and best.safetensors hold.
+They hold `loop_state.TrainState`: its counters in trainer_state.json, its best weights in best.safetensors.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +31,7 @@ from accelerate.utils import load as torch_load_safely
 from safetensors.torch import load_file, save_file
 
 from peft_agnews.errors import UsageError
+from peft_agnews.loop_state import BEST_FILE, TrainState
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -42,14 +39,9 @@ TRASH_PREFIX = ".trash-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
-BEST_FILE = "best.safetensors"
 # Keys of the run shape: the options that must match on resume, and the per-split fingerprints of the data rows.
 OPTIONS_KEY = "options"
 FINGERPRINT_SUFFIX = "_rows_sha256"
-# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a stop signal was honoured, a
-# checkpoint was written, and `--resume_from_checkpoint latest` continues the run.
-EXIT_INTERRUPTED = 75
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class CheckpointError(UsageError):
@@ -58,14 +50,6 @@ class CheckpointError(UsageError):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that cannot be read back (truncated, damaged, wrong types)."""
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient became NaN/inf (outside fp16's skipped grad-scaler steps)."""
-
-
-class TrainingInterrupted(Exception):
-    """A stop signal was honoured after writing a checkpoint; the CLI exits with EXIT_INTERRUPTED."""
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -320,118 +304,3 @@ class Checkpointer:
         except Exception as err:  # torch.load raises many types (EOFError, UnpicklingError, RuntimeError, ...)
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CorruptCheckpointError(f"checkpoint file {file} is missing or corrupt ({first}); pass another checkpoint") from None
-
-
-def epoch_batches(accelerator: Accelerator, loader: Any, skip: int) -> Iterable:
-    """The current epoch's batches from position `skip` on (0: the whole epoch).
-
-    Starting a DataLoader iterator draws a base seed from the global torch RNG. An uninterrupted run drew it at the
-    start of the epoch, before the checkpoint captured the RNG state, so the resumed run must not draw again.
-    """
-    return loader if skip == 0 else _without_rng_draw(accelerator.skip_first_batches(loader, skip))
-
-
-def _without_rng_draw(loader: Iterable) -> Iterator:
-    with torch.random.fork_rng(devices=[]):
-        iterator = iter(loader)
-        first = next(iterator, None)  # the seed is drawn lazily, on the first batch
-    if first is None:
-        return
-    yield first
-    yield from iterator
-
-
-class StopSignal:
-    """SIGTERM / SIGINT set a flag instead of killing the process; the loop checks it at optimizer-step boundaries.
-
-    Use as a context manager around the loop; the previous handlers come back on exit. To stop at once, SIGKILL.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
-
-
-def stop_when_launcher_dies() -> None:
-    """Under `accelerate launch` or torchrun, receive SIGTERM when the launcher process dies (Linux).
-
-    A one-process `accelerate launch` does not pass SIGTERM on: killed, it leaves the trainer running as an
-    orphan; killed with SIGKILL, a multi-process launcher leaves every rank running. With the parent-death
-    signal the trainer stops as on any SIGTERM: checkpoint, exit 75.
-    """
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
-    if not launched or not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def step_health(accelerator: Accelerator, model: torch.nn.Module, loss_sum: torch.Tensor,
-                grad_norm: torch.Tensor | None, stop: StopSignal) -> tuple[bool, bool, bool]:
-    """(loss finite, gradients finite, stop requested), agreed by all processes in one small all-reduce.
-
-    Called once per optimizer step, before `optimizer.step()`; `loss_sum` is the loss summed since the last log.
-    """
-    if grad_norm is None:
-        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=accelerator.device)
-    flags = torch.stack([
-        (~torch.isfinite(loss_sum)).float(),
-        (~torch.isfinite(torch.as_tensor(grad_norm, device=accelerator.device))).float(),
-        torch.tensor(float(stop.received is not None), device=accelerator.device),
-    ])
-    flags = accelerator.reduce(flags, "sum").tolist()
-    return flags[0] == 0, flags[1] == 0, flags[2] > 0
-
-
-def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_step: int) -> NonFiniteError:
-    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-    return NonFiniteError(
-        f"non-finite {what} at optimizer step {step}: training stopped before applying it; {where} "
-        f"(best adapter so far: step {best_step}, in its {BEST_FILE}); "
-        "lower --learning_rate or check the data, then start again"
-    )
-
-
-@dataclass
-class TrainState:
-    """Loop counters; all but best_weights and samples_seen go into checkpoints (trainer_state.json)."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: where a resumed run continues
-    best_accuracy: float = -1.0
-    best_step: int = 0
-    evals_without_improvement: int = 0
-    skipped_steps: int = 0  # fp16 grad-scaler overflow steps
-    early_stopped: bool = False
-    tracker_run_id: str | None = None
-    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
-    best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-    samples_seen: int = 0  # this session only, for throughput
-
-    def counters(self) -> dict:
-        excluded = ("best_weights", "best_predictions", "samples_seen")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in excluded}
-
-    @classmethod
-    def restore(cls, counters: dict, best_weights: dict[str, torch.Tensor]) -> TrainState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)

@@ -20,8 +20,8 @@ COMMANDS = {
     "train": ("peft_agnews.train", "fine-tune with LoRA (see `peft-agnews train --help`)"),
     "evaluate": ("peft_agnews.evaluate", "score a trained classifier on a labelled file"),
     "predict": ("peft_agnews.predict", "classify an unlabelled file into an ID,Label CSV"),
-    "export": ("peft_agnews.export_model", "write a merged standalone model (or a copy of the adapter)"),
-    "plot": ("peft_agnews.plots", "draw loss/accuracy curves and confusion matrices of a run"),
+    "export": ("peft_agnews.export", "write a merged standalone model (or a copy of the adapter)"),
+    "plot": ("peft_agnews.plot", "draw loss/accuracy curves and confusion matrices of a run"),
 }
 
 

@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 
 from peft_agnews.data import read_labelled_file
 from peft_agnews.errors import UsageError
-from peft_agnews.export import read_label_names
-from peft_agnews.inference import ModelArgs, load_classifier
+from peft_agnews.artifacts import read_label_names
+from peft_agnews.loading import ModelArgs, load_classifier
 from peft_agnews.model import read_head_choice
 
 

@@ -18,10 +18,10 @@ import pandas as pd
 from peft_agnews.cli import parse_args, run_entry
 from peft_agnews.data import read_labelled_file
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import classification_report
-from peft_agnews.export import write_json
-from peft_agnews.inference import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
-from peft_agnews.plots import plot_confusion_matrix
+from peft_agnews.metrics import classification_report
+from peft_agnews.artifacts import write_json
+from peft_agnews.loading import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+from peft_agnews.figures import plot_confusion_matrix
 
 
 @dataclass

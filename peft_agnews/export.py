@@ -1,54 +1,89 @@
-"""Write the run's deliverables atomically: a folder or file appears complete, or not at all."""
+"""Ship a trained adapter: merged into its base as a standalone Transformers model, or as a clean adapter copy.
+
+    peft-agnews export --adapter_dir outputs/agnews-lora/adapter --merge --output_dir outputs/merged
+    python -m peft_agnews.export ...
+
+A merged folder holds safetensors weights, the tokenizer, a config whose id2label names the classes, and a model
+card: `AutoModelForSequenceClassification.from_pretrained(folder)` and `pipeline("text-classification", folder)`
+work without PEFT. `--push_to_hub` uploads the written folder (needs network and a Hub token).
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
-
-from peft_agnews.files import atomic_write, fresh_dir
-from peft_agnews.model import save_head_choice
-
-LABELS_FILE = "labels.json"
+from peft_agnews.cli import parse_args, run_entry
+from peft_agnews.errors import UsageError
+from peft_agnews.artifacts import save_adapter
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, option
+from peft_agnews.model import read_head_choice
+from peft_agnews.model_card import CARD_FILE, merged_card, write_card
 
 
-def save_adapter(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    label_names: list[str],
-    out_dir: Path,
-    state_dict: dict[str, Any] | None = None,
-    classifier_head: str = "model",
-) -> None:
-    """Adapter weights (safetensors) + adapter config + tokenizer + label names (+ head.json for a non-default
-    `classifier_head`), swapped in as one rename.
+@dataclass
+class ExportArgs:
+    output_dir: str | None = option(None, "Folder to write (refused if it exists, unless --overwrite).")
+    merge: bool = option(False, "Merge LoRA into the base weights (merge_and_unload): a standalone model.")
+    overwrite: bool = option(False, "Replace an existing --output_dir.")
+    push_to_hub: bool = option(False, "Upload the written folder to the Hub (needs network and a token).")
+    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub, e.g. user/agnews-roberta-lora.")
 
-    `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
-    PEFT keeps only the adapter and head entries of it."""
-    tmp = fresh_dir(out_dir.parent, out_dir.name)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
-    save_head_choice(tmp, classifier_head)
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise UsageError("give the folder to write with --output_dir")
+        if self.push_to_hub and not self.hub_model_id:
+            raise UsageError("--push_to_hub needs --hub_model_id (the Hub repository to create or update)")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename, so readers never see a half-written file."""
-    with atomic_write(path) as handle:
-        handle.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def main(argv: Sequence[str] | None = None) -> Path:
+    model_args, args = parse_args((ModelArgs, ExportArgs), argv, description=__doc__.splitlines()[0])
+    if not model_args.adapter_dir:
+        raise UsageError("export needs --adapter_dir (the adapter to merge or copy)")
+    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UsageError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
+    head = read_head_choice(Path(model_args.adapter_dir))
+    if args.merge and head != "model":
+        raise UsageError(
+            f"--merge needs the base class's own head, but this adapter was trained with --classifier_head {head} "
+            "(a plain Transformers model cannot hold it); export without --merge and load it with peft-agnews"
+        )
+    out = Path(args.output_dir)
+    check_output_path(out, args.overwrite, folder=True)
+    classifier = load_classifier(model_args)
+    adapter_dir = Path(model_args.adapter_dir)
+    if args.merge:
+        model = classifier.model.merge_and_unload()
+        # save_adapter writes any PreTrainedModel's weights + tokenizer + labels.json into a fresh folder.
+        save_adapter(model, classifier.tokenizer, classifier.label_names, out)
+        write_card(out, merged_card(classifier.base_model, adapter_dir, classifier.label_names, model_args.max_length))
+    else:
+        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out, classifier_head=head)
+        if (adapter_dir / CARD_FILE).is_file():
+            shutil.copyfile(adapter_dir / CARD_FILE, out / CARD_FILE)
+    print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")
+    if args.push_to_hub:
+        push(out, args.hub_model_id)
+    return out
 
 
-def read_label_names(adapter_dir: Path) -> list[str]:
-    """The class names saved next to an adapter, in label-id order."""
-    id2label = json.loads((adapter_dir / LABELS_FILE).read_text())["id2label"]
-    return [id2label[str(i)] for i in range(len(id2label))]
+def push(folder: Path, repo_id: str) -> None:
+    """Create (or reuse) the Hub repository and upload the folder as one commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from peft-agnews export")
+    print(f"pushed {folder} to https://huggingface.co/{repo_id}")
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_entry(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -12,10 +12,10 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from peft_agnews.config import TrainConfig
-from peft_agnews.export import write_json
+from peft_agnews.artifacts import write_json
 from peft_agnews.files import atomic_write
 from peft_agnews.model import CUSTOM_HEADS
-from peft_agnews.plots import write_run_plots
+from peft_agnews.figures import write_run_plots
 
 CARD_FILE = "README.md"
 VALIDATION_REPORT = "eval_validation.json"

@@ -22,7 +22,7 @@ from peft_agnews.cli import parse_args, run_entry
 from peft_agnews.data import CANONICAL_COLUMNS, _is_canonical_agnews, canonical_text, check_input_file, non_string_text
 from peft_agnews.errors import UsageError
 from peft_agnews.files import atomic_write
-from peft_agnews.inference import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+from peft_agnews.loading import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 SUPPORTED = (".csv", ".jsonl", ".json", ".parquet", ".txt", *PICKLE_SUFFIXES)

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from peft_agnews.errors import UsageError
-from peft_agnews.export import write_json
+from peft_agnews.artifacts import write_json
 
 CACHE_DIR = "prefix_cache"
 # The batch key carrying each training row's index (the cache's address); stripped before the model sees it.

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
-from peft_agnews.export import write_json
+from peft_agnews.artifacts import write_json
 from peft_agnews.files import append_line, atomic_write
 
 DEFAULT_PROJECT = "peft-agnews"

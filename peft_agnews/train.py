@@ -29,38 +29,30 @@ from peft.utils.other import fsdp_auto_wrap_policy
 
 from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
 from peft_agnews.checkpointing import (
-    EXIT_INTERRUPTED,
     FINGERPRINT_SUFFIX,
     OPTIONS_KEY,
     Checkpointer,
     CorruptCheckpointError,
-    NonFiniteError,
-    StopSignal,
-    TrainingInterrupted,
-    TrainState,
-    epoch_batches,
     load_trainable,
-    nonfinite_error,
     read_state,
     resolve_checkpoint,
-    step_health,
-    stop_when_launcher_dies,
     trainable_weights,
     with_older_hint,
 )
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import fingerprint_rows, load_splits
-from peft_agnews.errors import UsageError, describe_os_error
+from peft_agnews.errors import EXIT_INTERRUPTED, NonFiniteError, TrainingInterrupted, UsageError, describe_os_error
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import apply_num_threads, resolve_mixed_precision
-from peft_agnews.evaluation import (
+from peft_agnews.metrics import (
     classification_metrics,
     classification_report,
-    evaluate,
     predict_logits,
+    score_split,
     worst_misclassified,
 )
-from peft_agnews.export import save_adapter, write_json
+from peft_agnews.artifacts import save_adapter, write_json
+from peft_agnews.loop_state import StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies
 from peft_agnews.frozen_prefix import attach_cache, describe_prefix, enable_frozen_prefix
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
@@ -276,7 +268,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         "num_threads": plan.num_threads,
     }
     if "test" in loaders:
-        test = evaluate(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
+        test = score_split(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
         results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
                         "test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)

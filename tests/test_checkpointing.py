@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_train_args
 from peft_agnews import checkpointing
-from peft_agnews.checkpointing import EXIT_INTERRUPTED, MARKER, resolve_checkpoint
+from peft_agnews.checkpointing import MARKER, resolve_checkpoint
+from peft_agnews.errors import EXIT_INTERRUPTED
 from peft_agnews.train import cli
 
 STEPS = 15

@@ -12,8 +12,8 @@ from conftest import LABELS, accelerate_launch, direct_logits, load_adapter_dire
 from peft_agnews.cli import main as peft_agnews
 from peft_agnews.data import read_labelled_file
 from peft_agnews.evaluate import cli, main
-from peft_agnews.evaluation import confusion_matrix
-from peft_agnews.inference import ModelArgs, inference_accelerator, load_classifier, score_texts
+from peft_agnews.metrics import confusion_matrix
+from peft_agnews.loading import ModelArgs, inference_accelerator, load_classifier, score_texts
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_default_output_goes_to_the_run_folder_and_is_not_overwritten(trained_ad
 
 
 def test_merged_model_is_scored_like_the_adapter(trained_adapter_run, odd_test_csv, tmp_path):
-    from peft_agnews.export_model import main as export
+    from peft_agnews.export import main as export
 
     merged = export(["--adapter_dir", str(trained_adapter_run / "adapter"), "--merge", "--output_dir", str(tmp_path / "m")])
     common = ["--test_file", str(odd_test_csv), "--plot", "false"]

@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from conftest import LABELS, direct_logits, load_adapter_directly, synthetic_rows
-from peft_agnews.export_model import cli, main
+from peft_agnews.export import cli, main
 
 TEXTS = [f"{t} {d}" for _, t, d in synthetic_rows(12, seed=11)]
 

@@ -113,7 +113,7 @@ def test_physical_cores_respect_the_cgroup_quota(monkeypatch, tmp_path):
 
 def test_evaluate_and_predict_take_the_thread_option():
     from peft_agnews.errors import UsageError
-    from peft_agnews.inference import ModelArgs, inference_accelerator
+    from peft_agnews.loading import ModelArgs, inference_accelerator
 
     before = torch.get_num_threads()
     try:

@@ -18,15 +18,15 @@ def test_import_is_light_and_names_resolve_lazily():
 
 
 def test_public_names_are_the_library_objects():
-    from peft_agnews import config, inference, model, train
+    from peft_agnews import config, loading, model, train
 
     assert sorted(peft_agnews.__all__) == [
         "Classifier", "ModelArgs", "TrainConfig", "load_classifier", "parse_config", "replace_head", "run",
     ]
     assert peft_agnews.TrainConfig is config.TrainConfig and peft_agnews.parse_config is config.parse_config
     assert peft_agnews.run is train.run
-    assert peft_agnews.load_classifier is inference.load_classifier and peft_agnews.ModelArgs is inference.ModelArgs
-    assert peft_agnews.Classifier is inference.Classifier and peft_agnews.replace_head is model.replace_head
+    assert peft_agnews.load_classifier is loading.load_classifier and peft_agnews.ModelArgs is loading.ModelArgs
+    assert peft_agnews.Classifier is loading.Classifier and peft_agnews.replace_head is model.replace_head
     assert set(peft_agnews.__all__) <= set(dir(peft_agnews))
     with pytest.raises(AttributeError, match="no attribute 'fit'"):
         peft_agnews.fit  # noqa: B018 (internal names are not re-exported)

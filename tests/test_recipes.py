@@ -330,7 +330,7 @@ def test_dropout_rates_outside_0_1_are_refused(argv):
 def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapters, tiny_model_dir):
     from peft import PeftModel
 
-    from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.loading import ModelArgs, load_classifier
     from peft_agnews.model import replace_head
 
     assert json.loads((two_adapters[0] / "head.json").read_text()) == {"classifier_head": "mean"}
@@ -347,7 +347,7 @@ def test_evaluate_and_predict_load_an_adapter_with_its_recorded_head(two_adapter
 
 def test_model_card_loading_snippet_runs_as_written_for_a_custom_head(two_adapters):
     """The card's Python snippet, pasted with the folder filled in, builds the head and loads the adapter."""
-    from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.loading import ModelArgs, load_classifier
 
     card = (two_adapters[0] / "README.md").read_text()
     snippet = card.split("```python\n")[1].split("```")[0].replace("<this folder>", str(two_adapters[0]))
@@ -361,8 +361,8 @@ def test_model_card_loading_snippet_runs_as_written_for_a_custom_head(two_adapte
 
 
 def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(two_adapters, tmp_path, capsys):
-    from peft_agnews.export_model import cli as export_cli
-    from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.export import cli as export_cli
+    from peft_agnews.loading import ModelArgs, load_classifier
 
     copy = tmp_path / "copy"
     assert export_cli(["--adapter_dir", str(two_adapters[0]), "--output_dir", str(copy)]) == 0
@@ -456,7 +456,7 @@ def test_recipe_adapter_loads_with_plain_transformers_and_peft(recipe, recipe_ru
     import subprocess
     import sys
 
-    from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.loading import ModelArgs, load_classifier
 
     adapter = recipe_runs(recipe) / "adapter"
     base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
@@ -494,8 +494,8 @@ def test_the_model_cards_loading_snippet_runs_as_written_and_names_the_labels(re
 def test_recipe_adapter_merges_and_classifies_with_label_names_in_a_pipeline(recipe, recipe_runs, tmp_path):
     from transformers import pipeline
 
-    from peft_agnews.export_model import cli as export_cli
-    from peft_agnews.inference import ModelArgs, load_classifier
+    from peft_agnews.export import cli as export_cli
+    from peft_agnews.loading import ModelArgs, load_classifier
 
     adapter = recipe_runs(recipe) / "adapter"
     merged = tmp_path / "merged"

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import LABELS, REPO, accelerate_launch, run_cli, tiny_train_args
 from peft_agnews.config import parse_config
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import classification_metrics, worst_misclassified
+from peft_agnews.metrics import classification_metrics, worst_misclassified
 from peft_agnews.tracking import RunLogger, class_key, resolve_wandb_mode, wandb_base_url, wandb_key_configured
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef01"  # 40 hex-like chars, as a real key; never valid

@@ -1,4 +1,5 @@
-"""Evaluation on any number of processes: each example counted exactly once via `gather_for_metrics`."""
+"""Classification metrics, reports and misclassified rows; predictions gathered from any number of processes, each
+example counted exactly once (`gather_for_metrics`)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, label_name
     }
 
 
-def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, Any]:
+def score_split(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, Any]:
     """Metrics of `model` on the whole split behind `dataloader`."""
     logits, labels = predict_logits(model, dataloader, accelerator)
     return classification_metrics(logits, labels, num_labels)

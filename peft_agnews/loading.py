@@ -27,8 +27,8 @@ from transformers.utils import logging as hf_logging
 from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
-from peft_agnews.evaluation import predict_logits
-from peft_agnews.export import LABELS_FILE, read_label_names
+from peft_agnews.metrics import predict_logits
+from peft_agnews.artifacts import LABELS_FILE, read_label_names
 from peft_agnews.files import check_writable
 from peft_agnews.hardware import apply_num_threads
 from peft_agnews.model import _first_line, load_classification_model, read_head_choice, replace_head

@@ -1,21 +1,15 @@
-"""PNG plots of a run, no tracker needed: loss and accuracy curves from metrics.jsonl, and confusion matrices.
+"""PNG figures of a run, no tracker needed: loss and accuracy curves from metrics.jsonl, and confusion matrices.
 
-    peft-agnews plot --run_dir outputs/agnews-lora        python -m peft_agnews.plots --run_dir ...
-
-Training calls `write_run_plots` at the end; the command redraws them for any past run.
+Training calls `write_run_plots` at the end; the `plot` command (plot.py) redraws them for any past run.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot state, no display needed
 
-from peft_agnews.cli import parse_args, run_entry
 from peft_agnews.errors import UsageError
 from peft_agnews.files import atomic_write
 
@@ -23,15 +17,6 @@ CURVES_FILE = "training_curves.png"
 DPI = 100
 CURVES_SIZE = (12, 4.5)  # inches: 1200 x 450 px
 CONFUSION_SIZE = (6, 5.5)  # inches: 600 x 550 px
-
-
-@dataclass
-class PlotArgs:
-    run_dir: str | None = field(default=None, metadata={"help": "A training output_dir (holds metrics.jsonl)."})
-
-    def __post_init__(self) -> None:
-        if not self.run_dir:
-            raise UsageError("give the training output folder with --run_dir")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -112,18 +97,3 @@ def write_run_plots(run_dir: Path) -> list[Path]:
             split = report_file.stem.removeprefix("eval_")
             written.append(plot_confusion_matrix(report, report_file.with_suffix(".png"), title=f"({split})"))
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    (args,) = parse_args((PlotArgs,), argv, description=__doc__.splitlines()[0])
-    written = write_run_plots(Path(args.run_dir))
-    print("\n".join(f"wrote {path}" for path in written))
-    return written
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    return run_entry(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from peft_agnews.evaluation import classification_metrics, evaluate
+from peft_agnews.metrics import classification_metrics, score_split
 
 
 def test_metrics_match_hand_computation():
@@ -25,7 +25,7 @@ def test_metrics_match_hand_computation():
     assert m["num_examples"] == 6
 
 
-def test_evaluate_equals_direct_model_calls(tiny_model_dir):
+def test_score_split_equals_direct_model_calls(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4).eval()
     texts = ["goal coach season", "shares profit", "nasa chip software internet", "treaty", "minister election border"]
@@ -33,7 +33,7 @@ def test_evaluate_equals_direct_model_calls(tiny_model_dir):
     rows = [{**tokenizer(t), "labels": y} for t, y in zip(texts, labels)]
     loader = DataLoader(rows, batch_size=2, collate_fn=DataCollatorWithPadding(tokenizer))
     accelerator = Accelerator(cpu=True)
-    metrics = evaluate(model, accelerator.prepare(loader), accelerator, 4)
+    metrics = score_split(model, accelerator.prepare(loader), accelerator, 4)
     with torch.no_grad():
         direct = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
     expected = (direct.argmax(-1) == torch.tensor(labels)).float().mean().item()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from peft_agnews.cli import main as peft_agnews
-from peft_agnews.plots import CONFUSION_SIZE, CURVES_SIZE, DPI, plot_confusion_matrix, plot_training_curves
+from peft_agnews.figures import CONFUSION_SIZE, CURVES_SIZE, DPI, plot_confusion_matrix, plot_training_curves
 
 
 def pixels(path) -> np.ndarray:

@@ -1,0 +1,54 @@
+"""Write the run's deliverables atomically: a folder or file appears complete, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from peft_agnews.files import atomic_write, fresh_dir
+from peft_agnews.model import save_head_choice
+
+LABELS_FILE = "labels.json"
+
+
+def save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str],
+    out_dir: Path,
+    state_dict: dict[str, Any] | None = None,
+    classifier_head: str = "model",
+) -> None:
+    """Adapter weights (safetensors) + adapter config + tokenizer + label names (+ head.json for a non-default
+    `classifier_head`), swapped in as one rename.
+
+    `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
+    PEFT keeps only the adapter and head entries of it."""
+    tmp = fresh_dir(out_dir.parent, out_dir.name)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
+    save_head_choice(tmp, classifier_head)
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see a half-written file."""
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_label_names(adapter_dir: Path) -> list[str]:
+    """The class names saved next to an adapter, in label-id order."""
+    id2label = json.loads((adapter_dir / LABELS_FILE).read_text())["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]

@@ -1,0 +1,39 @@
+"""Redraw the PNG figures of a training run (loss/accuracy curves, confusion matrices) from its output folder.
+
+    peft-agnews plot --run_dir outputs/agnews-lora        python -m peft_agnews.plot --run_dir ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft_agnews.cli import parse_args, run_entry
+from peft_agnews.errors import UsageError
+from peft_agnews.figures import write_run_plots
+
+
+@dataclass
+class PlotArgs:
+    run_dir: str | None = field(default=None, metadata={"help": "A training output_dir (holds metrics.jsonl)."})
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise UsageError("give the training output folder with --run_dir")
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    (args,) = parse_args((PlotArgs,), argv, description=__doc__.splitlines()[0])
+    written = write_run_plots(Path(args.run_dir))
+    print("\n".join(f"wrote {path}" for path in written))
+    return written
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_entry(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
