@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from peft_agnews.model import ALL_LINEAR_TARGETS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "agnews" / "train_head10429.csv"
 LOCK = Path("/work/briefs/CPU_LOCK")  # held by whoever runs timing benchmarks on this shared machine
@@ -35,12 +37,11 @@ COMMON = {
     "save_steps": 0, "eval_steps": 100000, "logging_steps": 10,
 }
 REFERENCE = {"config": str(REPO / "recipes" / "reference.yaml")}
-ALL_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 # The ablation stacks one change at a time on the previous row (the last rows branch off `+ cosine, smoothing`).
 STEP_A = {"learning_rate": 2e-3, "gradient_accumulation_steps": 1, "lora_dropout": 0.1}
 STEP_B = {**STEP_A, "classifier_head": "mean"}
 STEP_C = {**STEP_B, "head_learning_rate": 1e-2}
-STEP_D = {**STEP_C, "lora_target_modules": ALL_MODULES}
+STEP_D = {**STEP_C, "lora_target_modules": list(ALL_LINEAR_TARGETS)}
 STEP_E = {**STEP_D, "lr_scheduler_type": "cosine", "warmup_ratio": 0.06, "label_smoothing": 0.1}
 STEP_F = {**STEP_E, "model_dropout": 0.0, "lora_dropout": 0.0}
 ABLATION = {
@@ -74,7 +75,7 @@ FULL = {
 HEAD = {
     "proxy-minilm.yaml (standard head: pooler + Linear)": FINAL["proxy-minilm.yaml"],
     "proxy-minilm.yaml with the custom mean head": {**FINAL["proxy-minilm.yaml"], "classifier_head": "mean",
-                                                    "lora_target_modules": ALL_MODULES},
+                                                    "lora_target_modules": list(ALL_LINEAR_TARGETS)},
 }
 MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL, "head": HEAD, "tfidf": {}}
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from peft_agnews.export import main as export
-from peft_agnews.loading import ModelArgs, inference_accelerator, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, load_classifier, score_texts
+from peft_agnews.runtime import accelerator_session
 from peft_agnews.predict import PredictArgs, read_unlabelled
 
 
 def rows_per_second(args: ModelArgs, texts: list[str], repeats: int) -> tuple[float, torch.Tensor]:
     classifier = load_classifier(args)
-    with inference_accelerator() as accelerator:
+    with accelerator_session() as accelerator:
         logits, _ = score_texts(classifier, texts[: args.per_device_eval_batch_size], None, accelerator, args)  # warm-up
         best = float("inf")
         for _ in range(repeats):

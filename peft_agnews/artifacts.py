@@ -1,17 +1,16 @@
-"""Write the run's deliverables atomically: a folder or file appears complete, or not at all."""
+"""The run's deliverables (the adapter folder, labels.json, JSON reports), written atomically through files.py:
+a folder or file appears complete, or not at all."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from peft_agnews.files import atomic_write, fresh_dir
+from peft_agnews.files import atomic_dir, atomic_write
 from peft_agnews.model import save_head_choice
 
 LABELS_FILE = "labels.json"
@@ -30,16 +29,11 @@ def save_adapter(
 
     `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
     PEFT keeps only the adapter and head entries of it."""
-    tmp = fresh_dir(out_dir.parent, out_dir.name)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
-    save_head_choice(tmp, classifier_head)
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
+        save_head_choice(tmp, classifier_head)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -84,7 +84,7 @@ def make_dataloaders(
     if cfg.cache_frozen_prefix:  # the cache is addressed by training row
         train = train.add_column(ROWS_KEY, list(range(len(train))))
         model_columns = [*model_columns, ROWS_KEY]
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    global_batch = cfg.effective_batch(num_processes)
     sampler = LengthGroupedSampler(train["length"], global_batch, cfg.seed, cfg.group_by_length)
     loaders = {
         "train": DataLoader(

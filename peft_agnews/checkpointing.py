@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import load as torch_load_safely
 from safetensors.torch import load_file, save_file
 
-from peft_agnews.errors import UsageError
+from peft_agnews.errors import UsageError, first_line
 from peft_agnews.loop_state import BEST_FILE, TrainState
 
 PREFIX = "step_"
@@ -302,5 +302,6 @@ class Checkpointer:
         try:
             return torch_load_safely(str(file), map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many types (EOFError, UnpicklingError, RuntimeError, ...)
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CorruptCheckpointError(f"checkpoint file {file} is missing or corrupt ({first}); pass another checkpoint") from None
+            raise CorruptCheckpointError(
+                f"checkpoint file {file} is missing or corrupt ({first_line(err)}); pass another checkpoint"
+            ) from None

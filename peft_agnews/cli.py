@@ -3,18 +3,17 @@
     peft-agnews train|evaluate|predict|export|plot [--option value ...]
 
 Each subcommand is also a module runnable on its own (`python -m peft_agnews.<module>`, `accelerate launch
-peft_agnews/<module>.py`); this file only dispatches, and turns bad input into one `error:` line and exit status 2.
+peft_agnews/<module>.py`); this file only dispatches (each command's `cli` turns errors into exit statuses via
+`errors.run_command`).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from transformers import HfArgumentParser
-
-from peft_agnews.errors import UsageError, describe_os_error
 
 COMMANDS = {
     "train": ("peft_agnews.train", "fine-tune with LoRA (see `peft-agnews train --help`)"),
@@ -29,20 +28,6 @@ def parse_args(dataclass_types: tuple, argv: Sequence[str] | None, description: 
     """Parse argv into the given option dataclasses (each option declared once, in its dataclass)."""
     parser = HfArgumentParser(dataclass_types, description=description)
     return parser.parse_args_into_dataclasses(args=argv)
-
-
-def run_entry(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a command's `main`, printing a UsageError or a failed file operation as one `error:` line with exit
-    status 2."""
-    try:
-        main(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # checked outputs can still fail to be written: a full disk, a folder removed meanwhile
-        print(f"error: {describe_os_error(err)}; fix that and run the command again", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
-from peft_agnews.errors import UsageError
+from peft_agnews.errors import UsageError, first_line
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -39,7 +39,9 @@ RESUMABLE_OPTIONS = (
 )
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field declaring one command-line option: its default and the help text `--help` shows (the one
+    way options are declared, in TrainConfig and in the other commands' option dataclasses)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -50,132 +52,132 @@ class TrainConfig:
     """Everything a training run needs. Defaults reproduce the reference recipe on roberta-base + AG News."""
 
     # Model
-    model_name_or_path: str = _opt("roberta-base", "Base model: a Hub id or a local folder.")
-    tokenizer_name: str | None = _opt(None, "Tokenizer: a Hub id or local folder (default: the model's).")
+    model_name_or_path: str = option("roberta-base", "Base model: a Hub id or a local folder.")
+    tokenizer_name: str | None = option(None, "Tokenizer: a Hub id or local folder (default: the model's).")
     # Data
-    dataset_name: str | None = _opt("ag_news", "Hub dataset (or a local dataset folder), used when --train_file is not given.")
-    dataset_config_name: str | None = _opt(None, "Configuration of --dataset_name (for datasets that have several).")
-    text_column_names: list[str] = _opt(
+    dataset_name: str | None = option("ag_news", "Hub dataset (or a local dataset folder), used when --train_file is not given.")
+    dataset_config_name: str | None = option(None, "Configuration of --dataset_name (for datasets that have several).")
+    text_column_names: list[str] = option(
         ["text"], "Column(s) of --dataset_name holding the text; several are joined with a space (e.g. title description)."
     )
-    label_column_name: str = _opt("label", "Column of --dataset_name holding the class.")
-    evaluate_test_split: bool = _opt(
+    label_column_name: str = option("label", "Column of --dataset_name holding the class.")
+    evaluate_test_split: bool = option(
         True, "Score the best adapter on --dataset_name's 'test' split at the end, when it has one."
     )
-    train_file: str | None = _opt(None, "Local training file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
-    validation_file: str | None = _opt(None, "Local validation file (default: a stratified split of train).")
-    test_file: str | None = _opt(None, "Labelled test file: the best adapter is scored on it at the end.")
-    label_names: list[str] | None = _opt(
+    train_file: str | None = option(None, "Local training file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
+    validation_file: str | None = option(None, "Local validation file (default: a stratified split of train).")
+    test_file: str | None = option(None, "Labelled test file: the best adapter is scored on it at the end.")
+    label_names: list[str] | None = option(
         None, "Class names, in label-id order (default: the dataset's ClassLabel names, else AG News's four: "
         + " ".join(AG_NEWS_LABELS) + ")."
     )
-    validation_split: float = _opt(0.1, "Fraction of train held out (stratified) when no validation file is given.")
-    max_length: int = _opt(128, "Truncate inputs to this many tokens.")
-    group_by_length: bool = _opt(True, "Batch rows of similar length together (shuffled length groups).")
-    max_train_samples: int | None = _opt(None, "Keep only this many training rows (for quick runs).")
-    max_eval_samples: int | None = _opt(None, "Keep only this many validation rows (for quick runs).")
+    validation_split: float = option(0.1, "Fraction of train held out (stratified) when no validation file is given.")
+    max_length: int = option(128, "Truncate inputs to this many tokens.")
+    group_by_length: bool = option(True, "Batch rows of similar length together (shuffled length groups).")
+    max_train_samples: int | None = option(None, "Keep only this many training rows (for quick runs).")
+    max_eval_samples: int | None = option(None, "Keep only this many validation rows (for quick runs).")
     # LoRA
-    lora_r: str = _opt(
+    lora_r: str = option(
         "8", "LoRA rank, or 'auto': the largest rank whose exact trainable count fits --max_trainable_params."
     )
-    lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r).")
-    lora_dropout: float = _opt(0.2, "Dropout on the LoRA input.")
-    model_dropout: float | None = _opt(
+    lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = option(0.2, "Dropout on the LoRA input.")
+    model_dropout: float | None = option(
         None, "Set every dropout inside the base model and head (hidden, attention, classifier) to this rate; "
         "unset keeps the model's own. 0 (with --lora_dropout 0) made CPU steps 1.2-1.6x faster (BENCHMARKS.md).",
     )
-    lora_bias: Literal["none", "all", "lora_only"] = _opt("lora_only", "Which biases to train.")
-    lora_target_modules: list[str] = _opt(["query", "value"], "Module names that get LoRA adapters.")
-    lora_layers: str = _opt(
+    lora_bias: Literal["none", "all", "lora_only"] = option("lora_only", "Which biases to train.")
+    lora_target_modules: list[str] = option(["query", "value"], "Module names that get LoRA adapters.")
+    lora_layers: str = option(
         "all",
         "Transformer layers that get LoRA: 'all', 'topK' (the K layers nearest the head, e.g. top2) or indices "
         "such as '4,5'. The embeddings and the layers below the lowest trained one then run without autograd.",
     )
-    lora_rank_pattern: list[str] = _opt(
+    lora_rank_pattern: list[str] = option(
         [], "Per-module ranks as MODULE=RANK (e.g. intermediate.dense=4); other targets use --lora_r."
     )
-    use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
-    use_dora: bool = _opt(False, "DoRA: learn a magnitude per output feature on top of the LoRA direction.")
-    classifier_head: Literal["model", "model_output", "first_token", "mean"] = _opt(
+    use_rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = option(False, "DoRA: learn a magnitude per output feature on top of the LoRA direction.")
+    classifier_head: Literal["model", "model_output", "first_token", "mean"] = option(
         "model",
         "Head: 'model' trains the base class's own head in full (roberta: 593,668 parameters); 'model_output' "
         "keeps that head but trains only its output Linear (roberta: 3,076; inner layers stay as initialised and "
         "are saved with the adapter). Both load with plain PEFT. Research options that plain PEFT cannot load: "
         "'first_token' / 'mean', one Linear over the first token / the masked mean of the last hidden states.",
     )
-    max_trainable_params: int = _opt(1_000_000, "Refuse to train more parameters than this.")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory.")
-    frozen_prefix: bool = _opt(
+    max_trainable_params: int = option(1_000_000, "Refuse to train more parameters than this.")
+    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
+    frozen_prefix: bool = option(
         True, "Run the frozen prefix (embeddings and the layers below --lora_layers) without autograd: same "
         "results, no backward through it; false runs the plain model.",
     )
-    cache_frozen_prefix: bool = _opt(
+    cache_frozen_prefix: bool = option(
         False,
         "With --lora_layers leaving a frozen prefix: compute its output once per training example, keep it under "
         "output_dir/prefix_cache, and read it in later epochs (needs dropout 0 there: --model_dropout 0).",
     )
-    frozen_prefix_cache_max_gb: float = _opt(20.0, "Refuse to build a frozen-prefix cache larger than this (GB).")
+    frozen_prefix_cache_max_gb: float = option(20.0, "Refuse to build a frozen-prefix cache larger than this (GB).")
     # Optimisation
-    learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this (0 turns clipping off).")
-    per_device_train_batch_size: int = _opt(32, "Training micro-batch per process.")
-    per_device_eval_batch_size: int = _opt(64, "Evaluation batch per process.")
-    gradient_accumulation_steps: int = _opt(4, "Micro-batches per optimizer step.")
-    global_batch_size: int | None = _opt(
+    learning_rate: float = option(1e-4, "AdamW peak learning rate.")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 turns clipping off).")
+    per_device_train_batch_size: int = option(32, "Training micro-batch per process.")
+    per_device_eval_batch_size: int = option(64, "Evaluation batch per process.")
+    gradient_accumulation_steps: int = option(4, "Micro-batches per optimizer step.")
+    global_batch_size: int | None = option(
         None,
         "Fix the effective batch (examples per optimizer step) whatever the process count: the micro-batch becomes "
         "the largest divisor of global/processes up to --per_device_train_batch_size, and accumulation fills the "
         "rest (--gradient_accumulation_steps is then ignored).",
     )
-    num_train_epochs: float = _opt(6.0, "Passes over the training split.")
-    max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).")
-    head_learning_rate: float | None = _opt(None, "Learning rate of the classifier head (default: --learning_rate).")
-    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "one_cycle"] = _opt(
+    num_train_epochs: float = option(6.0, "Passes over the training split.")
+    max_train_steps: int | None = option(None, "Stop after this many optimizer steps (overrides epochs).")
+    head_learning_rate: float | None = option(None, "Learning rate of the classifier head (default: --learning_rate).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "one_cycle"] = option(
         "linear", "Learning-rate schedule ('one_cycle': PyTorch OneCycleLR, warmup = --warmup_ratio)."
     )
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy (0: off).")
-    rdrop_alpha: float = _opt(
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy (0: off).")
+    rdrop_alpha: float = option(
         0.0, "R-Drop: weight of the symmetric KL between two dropout passes of each batch (0: off; doubles compute)."
     )
-    warmup_ratio: float = _opt(0.1, "Fraction of optimizer steps spent warming up.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _opt(
+    warmup_ratio: float = option(0.1, "Fraction of optimizer steps spent warming up.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
         "auto", "Precision: 'auto' takes fp16/bf16 from an Accelerate config or launcher flag, else picks bf16 on GPUs "
         "that support it, fp16 on older GPUs, bf16 on CPUs with AVX512-BF16 or AMX, fp32 otherwise; 'no' forces fp32.",
     )
-    num_threads: int = _opt(
+    num_threads: int = option(
         0, "CPU threads per process; 0: $OMP_NUM_THREADS if you set it, else the physical cores divided among the "
         "processes on this machine (launchers' injected OMP_NUM_THREADS=1 is ignored).",
     )
-    cast_frozen_weights: bool = _opt(
+    cast_frozen_weights: bool = option(
         True, "Under fp16/bf16, keep the frozen base Linear weights in that dtype (same math, no per-step casts)."
     )
-    seed: int = _opt(37, "Seed for the split, the batch order, dropout and LoRA init.")
+    seed: int = option(37, "Seed for the split, the batch order, dropout and LoRA init.")
     # Schedule of side effects
-    eval_steps: int = _opt(200, "Evaluate on validation every N optimizer steps (and at the end).")
-    save_steps: int = _opt(200, "Write a training checkpoint every N optimizer steps (0: never).")
-    logging_steps: int = _opt(50, "Log train loss and learning rate every N optimizer steps.")
-    save_total_limit: int = _opt(2, "Keep this many newest checkpoints plus the best one (0: keep all).")
-    resume_from_checkpoint: str | None = _opt(
+    eval_steps: int = option(200, "Evaluate on validation every N optimizer steps (and at the end).")
+    save_steps: int = option(200, "Write a training checkpoint every N optimizer steps (0: never).")
+    logging_steps: int = option(50, "Log train loss and learning rate every N optimizer steps.")
+    save_total_limit: int = option(2, "Keep this many newest checkpoints plus the best one (0: keep all).")
+    resume_from_checkpoint: str | None = option(
         None, "Continue a stopped run: 'latest' (newest complete checkpoint in output_dir, if any) or a checkpoint folder."
     )
-    early_stopping_patience: int = _opt(0, "Stop after N evaluations without a better validation accuracy (0: off).")
-    output_dir: str = _opt("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
-    overwrite_output_dir: bool = _opt(False, "Allow writing into an output_dir that already holds a finished run.")
+    early_stopping_patience: int = option(0, "Stop after N evaluations without a better validation accuracy (0: off).")
+    output_dir: str = option("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
+    overwrite_output_dir: bool = option(False, "Allow writing into an output_dir that already holds a finished run.")
     # Tracking
-    report_to: Literal["wandb", "online", "offline", "disabled", "none"] = _opt(
+    report_to: Literal["wandb", "online", "offline", "disabled", "none"] = option(
         "wandb",
         "W&B mode. 'wandb': $WANDB_MODE if set, else online with an API key, offline without; "
         "'online'/'offline' force that mode; 'disabled'/'none': no tracking.",
     )
-    wandb_project: str | None = _opt(None, "W&B project (default: $WANDB_PROJECT, else peft-agnews).")
-    wandb_entity: str | None = _opt(
+    wandb_project: str | None = option(None, "W&B project (default: $WANDB_PROJECT, else peft-agnews).")
+    wandb_entity: str | None = option(
         None, "W&B entity, a user or team (default: $WANDB_ENTITY, else the key's default entity)."
     )
-    wandb_group: str | None = _opt(None, "W&B group: gathers related runs (a sweep, repeated seeds) in the UI.")
-    wandb_tags: list[str] = _opt([], "W&B tags (space- or comma-separated).")
-    run_name: str | None = _opt(None, "W&B run name.")
-    dry_run: bool = _opt(False, "Build data and model, print the plan, write nothing, exit.")
+    wandb_group: str | None = option(None, "W&B group: gathers related runs (a sweep, repeated seeds) in the UI.")
+    wandb_tags: list[str] = option([], "W&B tags (space- or comma-separated).")
+    run_name: str | None = option(None, "W&B run name.")
+    dry_run: bool = option(False, "Build data and model, print the plan, write nothing, exit.")
 
     def __post_init__(self) -> None:
         # W&B sweep agents pass lists as one `--name=a,b` argument.
@@ -200,7 +202,6 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 turns clipping off)"),
             (self.lora_alpha > 0, "--lora_alpha must be > 0"),
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
-            (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
             (self.global_batch_size is None or self.global_batch_size >= 1, "--global_batch_size must be >= 1"),
             (self.num_train_epochs > 0, "--num_train_epochs must be > 0"),
@@ -213,7 +214,6 @@ class TrainConfig:
             (self.model_dropout is None or 0 <= self.model_dropout < 1, "--model_dropout must be in [0, 1)"),
             (self.rdrop_alpha >= 0, "--rdrop_alpha must be >= 0"),
             (self.head_learning_rate is None or self.head_learning_rate > 0, "--head_learning_rate must be > 0"),
-            (self.max_length >= 8, "--max_length must be >= 8"),
             (re.fullmatch(r"all|top[1-9]\d*|\d+(,\d+)*", self.lora_layers) is not None,
              f"--lora_layers {self.lora_layers!r} is not 'all', 'topK' (e.g. top2) or layer indices (e.g. 4,5)"),
             (self.frozen_prefix_cache_max_gb > 0, "--frozen_prefix_cache_max_gb must be > 0"),
@@ -222,16 +222,12 @@ class TrainConfig:
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
             (self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0 (0 turns it off)"),
-            (self.label_names is None or len(self.label_names) >= 2, "--label_names needs at least two classes"),
-            (self.label_names is None or len(set(self.label_names)) == len(self.label_names),
-             "--label_names must be distinct"),
             (len(self.text_column_names) >= 1, "--text_column_names needs at least one column"),
-            (self.num_threads >= 0, "--num_threads must be >= 0 (0: all physical cores)"),
             (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(f"invalid config: {message}")
+        problems = [message for ok, message in checks if not ok] + shared_option_problems(self)
+        if problems:
+            raise UsageError(f"invalid config: {problems[0]}")
 
     def resolved_label_names(self, dataset_names: list[str] | None = None) -> list[str]:
         """The class names: --label_names, else the dataset's ClassLabel names, else AG News's."""
@@ -243,6 +239,10 @@ class TrainConfig:
     def resume_critical(self) -> dict[str, Any]:
         """The options a resumed run must share with its checkpoint (all but RESUMABLE_OPTIONS)."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OPTIONS}
+
+    def effective_batch(self, num_processes: int) -> int:
+        """Examples per optimizer step over all processes: per-device batch x accumulation x processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
 
     def for_processes(self, num_processes: int) -> TrainConfig:
         """This config with micro-batch and accumulation derived from --global_batch_size for `num_processes`.
@@ -262,6 +262,27 @@ class TrainConfig:
         return dataclasses.replace(
             self, per_device_train_batch_size=micro, gradient_accumulation_steps=per_process // micro
         )
+
+
+def training_option(name: str, help: str | None = None) -> Any:
+    """An inference command's option that training also has: TrainConfig's default, and its help unless `help`
+    says what differs for inference."""
+    declared = TrainConfig.__dataclass_fields__[name]
+    return option(declared.default, help or declared.metadata["help"])
+
+
+def shared_option_problems(options: Any) -> list[str]:
+    """What is wrong with the options training and inference share (max_length, per_device_eval_batch_size,
+    label_names, num_threads), checked alike for TrainConfig and loading.ModelArgs."""
+    names = options.label_names
+    checks = [
+        (options.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
+        (options.max_length >= 8, "--max_length must be >= 8"),
+        (names is None or len(names) >= 2, "--label_names needs at least two classes"),
+        (names is None or len(set(names)) == len(names), "--label_names must be distinct"),
+        (options.num_threads >= 0, "--num_threads must be >= 0 (0: all physical cores)"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def _split_commas(values: list[str]) -> list[str]:
@@ -288,12 +309,12 @@ def rank_pattern_dict(entries: list[str]) -> dict[str, int]:
     return pattern
 
 
-def _expand_env(value: str, option: str) -> str:
+def _expand_env(value: str, flag: str) -> str:
     """Expand $VARS (e.g. `outputs/sweep/$WANDB_RUN_ID`: one folder per sweep trial); an unset one is an error."""
     expanded = os.path.expandvars(value)
     unset = re.findall(r"\$\{?(\w+)", expanded)
     if unset:
-        raise UsageError(f"{option} {value} uses ${unset[0]}, which is not set; set it or give a literal path")
+        raise UsageError(f"{flag} {value} uses ${unset[0]}, which is not set; set it or give a literal path")
     return expanded
 
 
@@ -324,12 +345,12 @@ def yaml_arguments(path: str, values: dict[str, Any]) -> tuple[list[str], dict[s
         items = value if isinstance(value, list) else [value]
         if any(isinstance(item, (dict, list)) or item is None for item in items):
             raise UsageError(f"config file {path}: {name} must be a value or a list of values, got {value!r}")
-        option = [f"--{name}", *(str(item) for item in items)]
+        tokens_of_option = [f"--{name}", *(str(item) for item in items)]
         try:
-            parser.parse_args(option)
+            parser.parse_args(tokens_of_option)
         except argparse.ArgumentError as err:
             raise UsageError(f"config file {path}: {name}: {value!r}: {err.message}") from None
-        tokens += option
+        tokens += tokens_of_option
     return tokens, nulls
 
 
@@ -341,7 +362,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -53,7 +53,7 @@ def _check_readable_text(path: Path) -> str:
     return (first or "").splitlines(keepends=True)[0] if first else ""
 
 
-def _is_canonical_agnews(first_line: str, path: Path) -> bool:
+def is_canonical_agnews(first_line: str, path: Path) -> bool:
     """The canonical AG News CSV has no header: `"class","title","description"` with an integer class."""
     try:
         row = next(csv.reader([first_line]), [])
@@ -83,7 +83,7 @@ def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
 
     # Text formats are decoded once, up front: a non-UTF-8 file fails here with the byte offset.
     first_line = _check_readable_text(path) if suffix in (".csv", ".jsonl", ".json") else ""
-    if suffix == ".csv" and _is_canonical_agnews(first_line, path):
+    if suffix == ".csv" and is_canonical_agnews(first_line, path):
         raw = _raw_dataset(
             path,
             column_names=CANONICAL_COLUMNS,

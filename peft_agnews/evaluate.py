@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from peft_agnews.cli import parse_args, run_entry
+from peft_agnews.cli import parse_args
 from peft_agnews.data import read_labelled_file
-from peft_agnews.errors import UsageError
+from peft_agnews.errors import UsageError, run_command
 from peft_agnews.metrics import classification_report
 from peft_agnews.artifacts import write_json
-from peft_agnews.loading import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+from peft_agnews.config import option
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, score_texts
+from peft_agnews.runtime import accelerator_session
 from peft_agnews.figures import plot_confusion_matrix
 
 
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output = Path(args.output_file) if args.output_file else default_output(model_args, args.test_file)
     check_output_path(output, args.overwrite)
     classifier = load_classifier(model_args)
-    with inference_accelerator(model_args.num_threads) as accelerator:
+    with accelerator_session(model_args.num_threads) as accelerator:
         with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
             data = read_labelled_file(args.test_file, classifier.label_names)
         logits, labels = score_texts(classifier, data["text"], data["label"], accelerator, model_args)
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_entry(main, argv)
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

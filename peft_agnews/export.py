@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_agnews.cli import parse_args, run_entry
-from peft_agnews.errors import UsageError
+from peft_agnews.cli import parse_args
+from peft_agnews.errors import UsageError, run_command
 from peft_agnews.artifacts import save_adapter
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, option
+from peft_agnews.config import option
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
 from peft_agnews.model import read_head_choice
 from peft_agnews.model_card import CARD_FILE, merged_card, write_card
 
@@ -82,7 +83,7 @@ def push(folder: Path, repo_id: str) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_entry(main, argv)
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,23 @@ def fresh_dir(parent: Path, name: str) -> Path:
     path = _temp_name(parent / name)
     path.mkdir()
     return path
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a new empty folder beside `path` to fill; swap it in for `path` (replacing whatever is there) when the
+    block completes, delete it when the block fails."""
+    tmp = fresh_dir(path.parent, path.name)
+    try:
+        yield tmp
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_writable(folder: Path, option: str) -> None:

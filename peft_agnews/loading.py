@@ -1,19 +1,15 @@
 """Load a trained classifier for inference (an adapter on its base, or a merged model) and score text with it.
 
-Shared by evaluate, predict and export: the model options are declared once here (`ModelArgs`), every mismatch
-between an adapter and the model it is loaded on becomes one UsageError, and scoring runs on any number of
-processes with each row counted once.
+Shared by evaluate, predict, export and ensemble: the model options are declared here (`ModelArgs`; those training
+also has take their defaults and checks from config.py), every mismatch between an adapter and the model it is
+loaded on becomes one UsageError, and scoring runs on any number of processes with each row counted once.
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,28 +17,20 @@ from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
-from peft_agnews.config import TrainConfig
-from peft_agnews.errors import UsageError
+from peft_agnews.config import option, shared_option_problems, training_option
+from peft_agnews.errors import UsageError, first_line
 from peft_agnews.metrics import predict_logits
 from peft_agnews.artifacts import LABELS_FILE, read_label_names
 from peft_agnews.files import check_writable
-from peft_agnews.hardware import apply_num_threads
-from peft_agnews.model import _first_line, load_classification_model, read_head_choice, replace_head
+from peft_agnews.model import load_classification_model, load_pretrained_tokenizer, read_head_choice, replace_head
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_RECIPE = {f.name: f.default for f in fields(TrainConfig)}
-_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-
-
-def option(default, help: str):
-    """A dataclass field whose help text HfArgumentParser shows in --help."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -54,17 +42,16 @@ class ModelArgs:
         None, "Base model for --adapter_dir (default: the one named in its adapter_config.json), or a merged model alone."
     )
     label_names: list[str] | None = option(None, "Class names in id order (default: labels.json or the model config).")
-    per_device_eval_batch_size: int = option(_RECIPE["per_device_eval_batch_size"], "Rows per batch per process.")
-    max_length: int = option(_RECIPE["max_length"], "Truncate inputs to this many tokens (use the training value).")
-    num_threads: int = option(_RECIPE["num_threads"], _HELP["num_threads"])
+    per_device_eval_batch_size: int = training_option("per_device_eval_batch_size", "Rows per batch per process.")
+    max_length: int = training_option("max_length", "Truncate inputs to this many tokens (use the training value).")
+    num_threads: int = training_option("num_threads")
 
     def __post_init__(self) -> None:
         if not self.adapter_dir and not self.model_name_or_path:
             raise UsageError("give --adapter_dir (a trained adapter) or --model_name_or_path (a merged model)")
-        if self.per_device_eval_batch_size < 1 or self.max_length < 8:
-            raise UsageError("--per_device_eval_batch_size must be >= 1 and --max_length >= 8")
-        if self.num_threads < 0:
-            raise UsageError("--num_threads must be >= 0 (0: all physical cores)")
+        problems = shared_option_problems(self)
+        if problems:
+            raise UsageError(problems[0])
 
 
 @dataclass
@@ -88,7 +75,7 @@ def load_classifier(args: ModelArgs) -> Classifier:
             f"{len(names)} label names given but {args.model_name_or_path} has {model.config.num_labels} outputs; "
             "pass one name per class to --label_names"
         )
-    tokenizer = _tokenizer(args.model_name_or_path)
+    tokenizer = load_pretrained_tokenizer(args.model_name_or_path, "--model_name_or_path")
     return Classifier(model.eval(), tokenizer, list(names), base_model=args.model_name_or_path)
 
 
@@ -119,8 +106,8 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:  # not foreseen above: keep PEFT's first line
-        raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {_first_line(err)}") from None
-    return Classifier(model.eval(), _tokenizer(adapter_dir), list(names), base_model=base_name)
+        raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {first_line(err)}") from None
+    return Classifier(model.eval(), load_pretrained_tokenizer(adapter_dir, "--adapter_dir"), list(names), base_model=base_name)
 
 
 def damaged(file: Path, detail: str) -> UsageError:
@@ -133,7 +120,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise damaged(file, f"not JSON: {_first_line(err)}") from None
+        raise damaged(file, f"not JSON: {first_line(err)}") from None
     if not isinstance(config, dict):
         raise damaged(file, "not a JSON object")
     for key, kinds in {"r": (int,), "lora_alpha": (int, float)}.items():
@@ -149,7 +136,7 @@ def _saved_label_names(adapter_dir: Path) -> list[str]:
     try:
         names = read_label_names(adapter_dir)
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        raise damaged(adapter_dir / LABELS_FILE, f"expected {{\"id2label\": {{\"0\": name, ...}}}}: {_first_line(err)}") from None
+        raise damaged(adapter_dir / LABELS_FILE, f"expected {{\"id2label\": {{\"0\": name, ...}}}}: {first_line(err)}") from None
     if len(names) < 2 or not all(isinstance(name, str) for name in names):
         raise damaged(adapter_dir / LABELS_FILE, "fewer than two class names, or names that are not strings")
     return names
@@ -169,7 +156,7 @@ def check_adapter_fits(
     try:
         weights = safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt")
     except (OSError, SafetensorError) as err:
-        raise damaged(adapter_dir / ADAPTER_WEIGHTS, _first_line(err)) from None
+        raise damaged(adapter_dir / ADAPTER_WEIGHTS, first_line(err)) from None
     with weights:
         for key in weights.keys():
             shape = list(weights.get_slice(key).get_shape())
@@ -211,29 +198,6 @@ def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
         return load_classification_model(name, flag, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def _tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load a tokenizer from '{name}' ({_first_line(err)})") from None
-
-
-@contextmanager
-def inference_accelerator(num_threads: int = 0) -> Iterator[Accelerator]:
-    """An Accelerator for scoring, on `num_threads` CPU threads per process (0: see `resolve_num_threads`); torn
-    down cleanly so gloo process groups never abort at exit."""
-    apply_num_threads(num_threads)
-    # As in training: several ranks launched on a machine without an accelerator join one gloo group on CPU.
-    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(cpu=distributed_on_cpu)
-    try:
-        yield accelerator
-    finally:
-        accelerator.free_memory()
-        gc.collect()
-        accelerator.end_training()
 
 
 def score_texts(

@@ -19,7 +19,10 @@ from transformers import (
 )
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
-from peft_agnews.errors import UsageError
+from peft_agnews.errors import GradientFlowError, UsageError, first_line
+
+# Every Linear kind of a BERT/RoBERTa encoder layer: `--lora_target_modules` for LoRA on all of them.
+ALL_LINEAR_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
@@ -32,14 +35,11 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
         vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path).vocab_size
     except (OSError, ValueError) as err:
         raise UsageError(
-            f"could not load model '{cfg.model_name_or_path}' ({_first_line(err)}); check --model_name_or_path"
+            f"could not load model '{cfg.model_name_or_path}' ({first_line(err)}); check --model_name_or_path"
         ) from None
     name = cfg.tokenizer_name or cfg.model_name_or_path
     flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path (or pass --tokenizer_name)"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load tokenizer '{name}' ({_first_line(err)}); check {flag}") from None
+    tokenizer = load_pretrained_tokenizer(name, flag)
     # Vocabularies padded to a multiple of 8/64 are a little larger than their tokenizers, never twice as large.
     if vocab_size and len(tokenizer) * 2 < vocab_size:
         raise UsageError(
@@ -50,13 +50,21 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_pretrained_tokenizer(name: str | Path, flag: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name)`, a load failure a UsageError naming `flag` (what named the folder)."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load tokenizer '{name}' ({first_line(err)}); check {flag}") from None
+
+
 def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel:
     """`AutoModelForSequenceClassification.from_pretrained(name, **kwargs)`, every load failure a UsageError
     naming `flag` (the option or file that named the model)."""
     try:
         return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
-        raise UsageError(f"could not load model '{name}' ({_first_line(err)}); check {flag}") from None
+        raise UsageError(f"could not load model '{name}' ({first_line(err)}); check {flag}") from None
     except RuntimeError as err:
         if "mismatch" not in str(err):
             raise
@@ -381,10 +389,6 @@ def optimizer_param_groups(
     return result
 
 
-class GradientFlowError(RuntimeError):
-    """Some trainable parameters received no usable gradient: training them would silently do nothing."""
-
-
 def check_gradient_flow(model: torch.nn.Module) -> None:
     """Raise GradientFlowError unless every trainable parameter got a finite, non-zero gradient.
 
@@ -412,9 +416,4 @@ def check_gradient_flow(model: torch.nn.Module) -> None:
             f"gradient preflight failed: {len(problems)} trainable parameters would not learn: {shown}. "
             "With gradient checkpointing, use non-reentrant checkpointing or inputs that require grad."
         )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 

@@ -70,7 +70,7 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: i
         test = {key: results[f"test_{key}"] for key in ("accuracy", "f1_macro", "loss")}
         source = f"`{cfg.test_file}`" if cfg.test_file else f"the `{cfg.dataset_name}` test split"
         rows.append((f"test ({source})", {**test, "num_examples": results["test_examples"]}))
-    effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * results["num_processes"]
+    effective = cfg.effective_batch(results["num_processes"])
     head = "the model's own classifier head" if cfg.classifier_head == "model" else (
         f"a `{cfg.classifier_head}` pooling head (one Linear)"
     )

@@ -49,7 +49,7 @@ class Plan:
             total_steps=total,
             warmup_steps=math.ceil(cfg.warmup_ratio * total),
             num_epochs=math.ceil(total / per_epoch),
-            effective_batch=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * procs,
+            effective_batch=cfg.effective_batch(procs),
             per_device_batch=cfg.per_device_train_batch_size,
             accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=accelerator.mixed_precision,

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from peft_agnews.cli import parse_args, run_entry
-from peft_agnews.errors import UsageError
+from peft_agnews.cli import parse_args
+from peft_agnews.config import option
+from peft_agnews.errors import UsageError, run_command
 from peft_agnews.figures import write_run_plots
 
 
 @dataclass
 class PlotArgs:
-    run_dir: str | None = field(default=None, metadata={"help": "A training output_dir (holds metrics.jsonl)."})
+    run_dir: str | None = option(None, "A training output_dir (holds metrics.jsonl).")
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_entry(main, argv)
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

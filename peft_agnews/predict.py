@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from peft_agnews.cli import parse_args, run_entry
-from peft_agnews.data import CANONICAL_COLUMNS, _is_canonical_agnews, canonical_text, check_input_file, non_string_text
-from peft_agnews.errors import UsageError
+from peft_agnews.cli import parse_args
+from peft_agnews.data import CANONICAL_COLUMNS, is_canonical_agnews, canonical_text, check_input_file, non_string_text
+from peft_agnews.errors import UsageError, first_line, run_command
 from peft_agnews.files import atomic_write
-from peft_agnews.loading import ModelArgs, check_output_path, inference_accelerator, load_classifier, option, score_texts
+from peft_agnews.config import option
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, score_texts
+from peft_agnews.runtime import accelerator_session
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 SUPPORTED = (".csv", ".jsonl", ".json", ".parquet", ".txt", *PICKLE_SUFFIXES)
@@ -76,7 +78,7 @@ def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
         if suffix == ".csv":
             with path.open(encoding="utf-8") as handle:
                 first = handle.readline()
-            if _is_canonical_agnews(first, path):  # labelled canonical file: the class column is ignored
+            if is_canonical_agnews(first, path):  # labelled canonical file: the class column is ignored
                 return pd.read_csv(path, header=None, names=CANONICAL_COLUMNS, dtype=str, keep_default_na=False)
             text_columns = {column: str for column in (text_column, "title", "description")}
             return pd.read_csv(path, keep_default_na=False, dtype=text_columns)
@@ -91,8 +93,7 @@ def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text ({err.reason}); re-encode it as UTF-8") from None
     except (ValueError, OSError, pd.errors.ParserError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{path}: could not be parsed ({detail}); check the file's format") from None
+        raise UsageError(f"{path}: could not be parsed ({first_line(err)}); check the file's format") from None
     if isinstance(loaded, pd.Series):
         return loaded.to_frame(text_column)
     if not isinstance(loaded, pd.DataFrame):
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     check_output_path(output, args.overwrite)
     ids, texts = read_unlabelled(args)
     classifier = load_classifier(model_args)
-    with inference_accelerator(model_args.num_threads) as accelerator:
+    with accelerator_session(model_args.num_threads) as accelerator:
         logits, _ = score_texts(classifier, texts, None, accelerator, model_args)
         frame = predictions_frame(ids, logits, classifier.label_names, args)
         if accelerator.is_main_process:
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_entry(main, argv)
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ after writing a checkpoint (continue with `--resume_from_checkpoint latest`).
 
 from __future__ import annotations
 
-import gc
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from peft.utils.other import fsdp_auto_wrap_policy
@@ -41,9 +38,10 @@ from peft_agnews.checkpointing import (
 )
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import fingerprint_rows, load_splits
-from peft_agnews.errors import EXIT_INTERRUPTED, NonFiniteError, TrainingInterrupted, UsageError, describe_os_error
+from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
-from peft_agnews.hardware import apply_num_threads, resolve_mixed_precision
+from peft_agnews.hardware import resolve_mixed_precision
+from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import (
     classification_metrics,
     classification_report,
@@ -57,7 +55,6 @@ from peft_agnews.frozen_prefix import attach_cache, describe_prefix, enable_froz
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     CUSTOM_HEADS,
-    GradientFlowError,
     apply_lora,
     trainable_breakdown,
     cast_frozen_linear_weights,
@@ -80,17 +77,10 @@ MISCLASSIFIED_ROWS = 50
 RESUME_LOCK_WAIT_SECONDS = 180
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    # A multi-process launch (torchrun, `accelerate launch` with a MULTI_GPU config) on a machine with no
-    # accelerator would otherwise run N unconnected single-process copies; run them as one gloo group on CPU.
-    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    on_cpu = distributed_on_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
-    # Accelerate keeps one process-wide state that refuses a second precision; a second `run()` in the same
-    # interpreter (a notebook, the tests) must start from scratch, as a launched process does.
-    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(
-        cpu=distributed_on_cpu,
+def accelerator_options(cfg: TrainConfig) -> dict:
+    """The training Accelerator's precision, accumulation and tracker (see `runtime.accelerator_session`)."""
+    on_cpu = distributed_on_cpu() or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    return dict(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=tracker_name(cfg),
@@ -150,24 +140,16 @@ def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
-    apply_num_threads(cfg.num_threads)
-    accelerator = make_accelerator(cfg)
-    lock = None
-    try:
+    with accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        if not cfg.dry_run:  # a dry run writes nothing
-            lock = lock_output_dir(cfg, accelerator)
-        return _run(cfg, accelerator)
-    finally:
-        if lock is not None:
-            lock.release()
-        # Release the wrapped model, optimizer and loaders before the process group goes away: gloo runs
-        # otherwise abort at interpreter exit now and then.
-        accelerator.free_memory()
-        gc.collect()
-        accelerator.end_training()
+        lock = None if cfg.dry_run else lock_output_dir(cfg, accelerator)  # a dry run writes nothing
+        try:
+            return _run(cfg, accelerator)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
@@ -420,24 +402,11 @@ def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainStat
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry: bad input becomes one clear line on stderr and exit status 2."""
+    """Command-line entry: errors become one line on stderr and the exit status in the module docstring."""
     stop_when_launcher_dies()
-    try:
-        run(parse_config(argv))
-    except (UsageError, GradientFlowError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a full disk while writing a checkpoint: the last complete one is intact
-        print(f"error: {describe_os_error(err)}; fix that, then continue with --resume_from_checkpoint latest",
-              file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except TrainingInterrupted as err:
-        print(err, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    # e.g. a full disk while writing a checkpoint: the last complete one is intact
+    return run_command(lambda args: run(parse_config(args)), argv,
+                       os_error_hint="fix that, then continue with --resume_from_checkpoint latest")
 
 
 if __name__ == "__main__":

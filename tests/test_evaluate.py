@@ -13,7 +13,8 @@ from peft_agnews.cli import main as peft_agnews
 from peft_agnews.data import read_labelled_file
 from peft_agnews.evaluate import cli, main
 from peft_agnews.metrics import confusion_matrix
-from peft_agnews.loading import ModelArgs, inference_accelerator, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, load_classifier, score_texts
+from peft_agnews.runtime import accelerator_session
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_scoring_equals_direct_model_calls(trained_adapter_run, odd_test_csv, di
     args = ModelArgs(adapter_dir=str(trained_adapter_run / "adapter"), per_device_eval_batch_size=5)
     classifier = load_classifier(args)
     data = read_labelled_file(str(odd_test_csv), classifier.label_names)
-    with inference_accelerator() as accelerator:
+    with accelerator_session() as accelerator:
         logits, labels = score_texts(classifier, data["text"], data["label"], accelerator, args)
     assert torch.allclose(logits, direct[0], atol=1e-5)
     assert torch.equal(labels, direct[1])

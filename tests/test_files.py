@@ -67,3 +67,19 @@ sys.stdin.read()
     fresh.acquire()
     fresh.release()
     assert not (tmp_path / "new").exists(), "a folder the lock created and nothing else used is removed again"
+
+
+def test_atomic_dir_swaps_a_complete_folder_in_or_leaves_the_old_one(tmp_path):
+    from peft_agnews.files import atomic_dir
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (out / "old.txt").read_text() == "old"
+    with atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and sorted(p.name for p in out.iterdir()) == ["new.txt"]

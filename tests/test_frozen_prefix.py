@@ -19,7 +19,7 @@ from conftest import REPO, accelerate_launch, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, frozen_depth
-from peft_agnews.model import apply_lora, count_parameters, lora_layer_indices
+from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices
 from peft_agnews.objectives import classification_loss
 from peft_agnews.prefix_cache import KEY_FILE, PrefixCache
 from peft_agnews.train import cli
@@ -264,6 +264,5 @@ def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypa
     # Measured before the proxy recipe moved to the `model_output` head (LoRA on pooler.dense too): the model's
     # own head, fully trained, and LoRA on the six encoder Linear kinds.
     overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
-                 "--lora_target_modules", "query", "key", "value", "attention.output.dense", "intermediate.dense",
-                 "output.dense"]
+                 "--lora_target_modules", *ALL_LINEAR_TARGETS]
     assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])

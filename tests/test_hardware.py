@@ -113,11 +113,12 @@ def test_physical_cores_respect_the_cgroup_quota(monkeypatch, tmp_path):
 
 def test_evaluate_and_predict_take_the_thread_option():
     from peft_agnews.errors import UsageError
-    from peft_agnews.loading import ModelArgs, inference_accelerator
+    from peft_agnews.loading import ModelArgs
+    from peft_agnews.runtime import accelerator_session
 
     before = torch.get_num_threads()
     try:
-        with inference_accelerator(1):
+        with accelerator_session(1):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from conftest import REPO, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.model import (
+    ALL_LINEAR_TARGETS,
     apply_lora,
     count_parameters,
     load_base_model,
@@ -201,8 +202,8 @@ def test_schedules_warm_up_then_decay(tiny_model_dir, schedule):
 # --- budget-aware rank ---------------------------------------------------------------------------------------
 
 def test_lora_r_auto_picks_the_largest_rank_that_fits():
-    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-    cfg = TrainConfig(lora_r="auto", lora_target_modules=targets, classifier_head="mean", gradient_checkpointing=False)
+    cfg = TrainConfig(lora_r="auto", lora_target_modules=list(ALL_LINEAR_TARGETS), classifier_head="mean",
+                      gradient_checkpointing=False)
     model = apply_lora(RobertaForSequenceClassification(roberta_base_config()), cfg)
     rank = model.peft_config["default"].r
     count = count_parameters(model)[0]
