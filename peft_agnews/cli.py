@@ -1,6 +1,6 @@
 """The `peft-agnews` command: one entry point with a subcommand per job.
 
-    peft-agnews train|evaluate|predict|export|plot [--option value ...]
+    peft-agnews train|evaluate|predict|export|plot|ensemble [--option value ...]
 
 Each subcommand is also a module runnable on its own (`python -m peft_agnews.<module>`, `accelerate launch
 peft_agnews/<module>.py`); this file only dispatches (each command's `cli` turns errors into exit statuses via
@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": ("peft_agnews.predict", "classify an unlabelled file into an ID,Label CSV"),
     "export": ("peft_agnews.export", "write a merged standalone model (or a copy of the adapter)"),
     "plot": ("peft_agnews.plot", "draw loss/accuracy curves and confusion matrices of a run"),
+    "ensemble": ("peft_agnews.ensemble", "accuracy of several adapters' averaged probabilities on a labelled file"),
 }
 
 

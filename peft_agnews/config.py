@@ -264,17 +264,17 @@ class TrainConfig:
         )
 
 
-def training_option(name: str, help: str | None = None) -> Any:
+def training_option(name: str, help: str | None = None, **kwargs: Any) -> Any:
     """An inference command's option that training also has: TrainConfig's default, and its help unless `help`
     says what differs for inference."""
     declared = TrainConfig.__dataclass_fields__[name]
-    return option(declared.default, help or declared.metadata["help"])
+    return option(declared.default, help or declared.metadata["help"], **kwargs)
 
 
 def shared_option_problems(options: Any) -> list[str]:
     """What is wrong with the options training and inference share (max_length, per_device_eval_batch_size,
-    label_names, num_threads), checked alike for TrainConfig and loading.ModelArgs."""
-    names = options.label_names
+    label_names where taken, num_threads), checked alike for TrainConfig and the inference commands' options."""
+    names = getattr(options, "label_names", None)
     checks = [
         (options.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
         (options.max_length >= 8, "--max_length must be >= 8"),

@@ -1,36 +1,65 @@
-"""Ensembling at prediction time: average the class probabilities of several adapters on one shared base.
+"""Score the probability-averaged ensemble of several adapters of one base on a labelled file.
 
-    python -m peft_agnews.ensemble --adapter_dirs A B C --test_file test.csv
+    peft-agnews ensemble --adapter_dirs RUN1/adapter RUN2/adapter --test_file test.csv
+    python -m peft_agnews.ensemble ...        accelerate launch peft_agnews/ensemble.py ...
 
 Each member is the base + one adapter (LoRA weights, trained biases, its own head), loaded in turn: PEFT cannot
 hold several adapters that train biases (the reference's `lora_bias: lora_only`) on one base, so members are
-scored one after another and only one copy of the base is in memory at a time.
+scored one after another and only one copy of the base is in memory at a time. Scoring is that of evaluate
+(length-sorted batches, any number of processes, each row once); the accuracy is printed as one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from accelerate import Accelerator
 
-from peft_agnews.data import read_labelled_file
-from peft_agnews.errors import UsageError
 from peft_agnews.artifacts import read_label_names
-from peft_agnews.loading import ModelArgs, load_classifier
+from peft_agnews.cli import parse_args
+from peft_agnews.config import option, shared_option_problems, training_option
+from peft_agnews.data import read_labelled_file
+from peft_agnews.errors import UsageError, run_command
+from peft_agnews.loading import ADAPTER_CONFIG, ModelArgs, load_classifier, score_texts
 from peft_agnews.model import read_head_choice
+from peft_agnews.runtime import accelerator_session
+
+
+@dataclass
+class EnsembleArgs:
+    adapter_dirs: list[str] | None = option(None, "Adapter folders to average (each a run's output_dir/adapter).")
+    test_file: str | None = option(None, "Labelled file: canonical AG News CSV, or CSV/JSONL/Parquet with text,label.")
+    per_device_eval_batch_size: int = training_option(
+        "per_device_eval_batch_size", "Rows per batch per process.", aliases=["--batch_size"]
+    )
+    max_length: int = training_option("max_length", "Truncate inputs to this many tokens (use the training value).")
+    num_threads: int = training_option("num_threads")
+
+    def __post_init__(self) -> None:
+        if not self.adapter_dirs or not self.test_file:
+            raise UsageError("give the adapters with --adapter_dirs A B ... and the labelled file with --test_file")
+        problems = shared_option_problems(self)
+        if problems:
+            raise UsageError(problems[0])
+
+    def member(self, adapter_dir: str) -> ModelArgs:
+        """The options evaluate would take to score one member."""
+        return ModelArgs(adapter_dir=adapter_dir, per_device_eval_batch_size=self.per_device_eval_batch_size,
+                         max_length=self.max_length, num_threads=self.num_threads)
 
 
 def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:
     """(base model, label names, head) shared by every adapter; adapters of different bases cannot be averaged."""
     dirs = [Path(d) for d in adapter_dirs]
     for d in dirs:
-        if not (d / "adapter_config.json").is_file():
-            raise UsageError(f"{d} is not an adapter folder (no adapter_config.json); pass the run's output_dir/adapter")
-    bases = {json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] for d in dirs}
+        if not (d / ADAPTER_CONFIG).is_file():
+            raise UsageError(f"{d} is not an adapter folder (no {ADAPTER_CONFIG}); pass the run's output_dir/adapter")
+    bases = {json.loads((d / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] for d in dirs}
     labels = {tuple(read_label_names(d)) for d in dirs}
     heads = {read_head_choice(d) for d in dirs}
     for what, values in (("base model", bases), ("label names", labels), ("classifier head", heads)):
@@ -39,46 +68,36 @@ def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:
     return bases.pop(), list(labels.pop()), heads.pop()
 
 
-@torch.inference_mode()
-def predict_probabilities(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """Softmax probabilities, shape (examples, classes)."""
-    return torch.cat([
-        model(**{k: v[i : i + batch_size] for k, v in encoded.items()}).logits.float().softmax(-1)
-        for i in range(0, len(encoded["input_ids"]), batch_size)
-    ])
+def ensemble_probabilities(args: EnsembleArgs, texts: list[str], accelerator: Accelerator) -> torch.Tensor:
+    """Mean over the members of their class probabilities, shape (texts, classes) in input order, on every
+    process (members must share base, labels and head)."""
+    check_members(args.adapter_dirs)
+    total = None
+    for adapter_dir in args.adapter_dirs:
+        member = args.member(adapter_dir)
+        logits, _ = score_texts(load_classifier(member), texts, None, accelerator, member)
+        total = logits.softmax(-1) if total is None else total + logits.softmax(-1)
+    return total / len(args.adapter_dirs)
 
 
-def ensemble_probabilities(adapter_dirs: list[str], encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """Mean over the adapters of their probabilities (members must share base, labels and head)."""
-    check_members(adapter_dirs)
-    # Each member with the loader evaluate/predict use (base, recorded head, adapter), one at a time.
-    total = sum(predict_probabilities(load_classifier(ModelArgs(adapter_dir=d)).model, encoded, batch_size)
-                for d in adapter_dirs)
-    return total / len(adapter_dirs)
+def main(argv: Sequence[str] | None = None) -> dict:
+    (args,) = parse_args((EnsembleArgs,), argv, description=__doc__.splitlines()[0])
+    _, label_names, _ = check_members(args.adapter_dirs)
+    with accelerator_session(args.num_threads) as accelerator:
+        with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+            data = read_labelled_file(args.test_file, label_names)
+        probs = ensemble_probabilities(args, data["text"], accelerator)
+        accuracy = (probs.argmax(-1) == torch.tensor(data["label"])).double().mean().item()
+        result = {"adapters": len(args.adapter_dirs), "examples": len(data), "accuracy": accuracy}
+        if accelerator.is_main_process:
+            print(json.dumps(result))
+        accelerator.wait_for_everyone()
+    return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Accuracy of the probability-averaged ensemble of adapters.")
-    parser.add_argument("--adapter_dirs", nargs="+", required=True, help="Adapter folders (a run's output_dir/adapter).")
-    parser.add_argument("--test_file", required=True, help="Labelled file (canonical AG News CSV, or text,label).")
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=64)
-    args = parser.parse_args(argv)
-    try:
-        _, label_names, _ = check_members(args.adapter_dirs)
-        data = read_labelled_file(args.test_file, label_names)
-        tokenizer = AutoTokenizer.from_pretrained(args.adapter_dirs[0])
-        encoded = dict(tokenizer(list(data["text"]), padding=True, truncation=True, max_length=args.max_length,
-                                 return_tensors="pt"))
-        encoded.pop("token_type_ids", None)
-        probs = ensemble_probabilities(args.adapter_dirs, encoded, args.batch_size)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    accuracy = (probs.argmax(-1) == torch.tensor(data["label"])).double().mean().item()
-    print(json.dumps({"adapters": len(args.adapter_dirs), "examples": len(data), "accuracy": accuracy}))
-    return 0
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
