@@ -236,7 +236,14 @@ def _is_labelled(split: Dataset, cfg: TrainConfig) -> bool:
 
 
 def load_splits(cfg: TrainConfig) -> DatasetDict:
-    """Build the train / validation (/ test) splits the run will use, every row validated.
+    """Build the train / validation (/ test) splits the run will use, every row validated (see
+    `load_splits_and_validation_source`)."""
+    return load_splits_and_validation_source(cfg)[0]
+
+
+def load_splits_and_validation_source(cfg: TrainConfig) -> tuple[DatasetDict, str]:
+    """The train / validation (/ test) splits the run will use, every row validated, and where the validation
+    rows came from (in words, for the model card).
 
     With --dataset_name, its 'validation' split is used when it has one (else a stratified split of train), and
     its labelled 'test' split is scored at the end (--evaluate_test_split). Class names come from --label_names,
@@ -255,9 +262,11 @@ def load_splits(cfg: TrainConfig) -> DatasetDict:
     if cfg.validation_file:
         splits["train"] = train
         splits["validation"] = read_labelled_file(cfg.validation_file, names)
+        source = f"`{cfg.validation_file}`"
     elif hub is not None and "validation" in hub and _is_labelled(hub["validation"], cfg):
         splits["train"] = train
         splits["validation"] = _hub_split(hub["validation"], cfg, names, Path(cfg.dataset_name, "validation"))
+        source = f"the `validation` split of `{cfg.dataset_name}`"
     else:
         try:
             parts = train.train_test_split(
@@ -269,6 +278,7 @@ def load_splits(cfg: TrainConfig) -> DatasetDict:
                 "give more rows per class or a --validation_file"
             ) from None
         splits["train"], splits["validation"] = parts["train"], parts["test"]
+        source = f"a stratified {cfg.validation_split:.0%} split of the training data (seed {cfg.seed})"
     if cfg.test_file:
         splits["test"] = read_labelled_file(cfg.test_file, names)
     elif hub is not None and cfg.evaluate_test_split and "test" in hub and _is_labelled(hub["test"], cfg):
@@ -278,7 +288,8 @@ def load_splits(cfg: TrainConfig) -> DatasetDict:
         splits["train"] = _head(splits["train"], cfg.max_train_samples, cfg.seed)
     if cfg.max_eval_samples is not None:
         splits["validation"] = _head(splits["validation"], cfg.max_eval_samples, cfg.seed)
-    return DatasetDict(splits)
+        source += f", {len(splits['validation'])} of its rows drawn at random (--max_eval_samples, seed {cfg.seed})"
+    return DatasetDict(splits), source
 
 
 def _head(ds: Dataset, n: int, seed: int) -> Dataset:

@@ -62,9 +62,7 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: i
     names = cfg.resolved_label_names()
     trainable, total = results["trainable_params"], results["total_params"]
     data = f"`{cfg.train_file}`" if cfg.train_file else f"the Hub dataset `{cfg.dataset_name}` (train split)"
-    held_out = f"`{cfg.validation_file}`" if cfg.validation_file else (
-        f"a stratified {cfg.validation_split:.0%} split of the training data (seed {cfg.seed})"
-    )
+    held_out = validation["source"]  # where the validation rows came from (data.load_splits_and_validation_source)
     rows = [(f"validation (best step {results['best_step']} of {results['global_step']})", validation)]
     if "test_accuracy" in results:
         test = {key: results[f"test_{key}"] for key in ("accuracy", "f1_macro", "loss")}

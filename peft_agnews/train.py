@@ -2,7 +2,9 @@
 
     accelerate launch peft_agnews/train.py [--config FILE.yaml] [--option value ...]
 
-data -> model -> prepare -> [resume] -> loop (evaluate, checkpoint, stop early/on signal) -> best adapter -> results.
+`run`: start_run (seed, output folder, checkpoint to resume) -> build_data -> build_model (+ plan) ->
+build_optimisation (AdamW, schedule, prepare) -> [resume] -> fit (the loop: evaluate, checkpoint, stop early or on a
+signal) -> finish (best adapter, test split, report, results.json).
 
 Exit status: 0 done; 2 bad input or configuration; 3 non-finite loss or gradient; 75 stopped by SIGTERM/SIGINT
 after writing a checkpoint (continue with `--resume_from_checkpoint latest`).
@@ -15,13 +17,17 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from datasets import DatasetDict
+from peft import PeftModel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 from peft.utils.other import fsdp_auto_wrap_policy
 
 from peft_agnews.batching import eval_order, make_dataloaders, tokenize_splits
@@ -37,7 +43,7 @@ from peft_agnews.checkpointing import (
     with_older_hint,
 )
 from peft_agnews.config import TrainConfig, parse_config
-from peft_agnews.data import fingerprint_rows, load_splits
+from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
 from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
@@ -50,8 +56,10 @@ from peft_agnews.metrics import (
     worst_misclassified,
 )
 from peft_agnews.artifacts import save_adapter, write_json
-from peft_agnews.loop_state import StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies
-from peft_agnews.frozen_prefix import attach_cache, describe_prefix, enable_frozen_prefix
+from peft_agnews.loop_state import (
+    StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
+)
+from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     CUSTOM_HEADS,
@@ -152,8 +160,66 @@ def run(cfg: TrainConfig) -> dict | None:
                 lock.release()
 
 
+@dataclass
+class Data:
+    """The tokenized splits and their loaders (not yet prepared), and the config with the class names known."""
+
+    cfg: TrainConfig
+    tokenizer: PreTrainedTokenizerBase
+    splits: DatasetDict
+    tokenized: DatasetDict
+    loaders: dict[str, DataLoader]
+    validation_source: str  # where the validation rows came from, in words (for the model card)
+
+
+@dataclass
+class Built:
+    """The model with LoRA (and, when asked, a frozen prefix) and the run's plan."""
+
+    model: PeftModel
+    plan: Plan
+    trainable_params: int
+    total_params: int
+    prefix: FrozenPrefixLayers | None
+    frozen_dtype: torch.dtype  # of the frozen prefix's cache: the half precision in use, else fp32
+
+
+@dataclass
+class Optimisation:
+    """What `accelerator.prepare` returned: the wrapped model, optimizer, scheduler and loaders."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     wall_start = time.perf_counter()
+    out, resume_from, tracker_run_id = start_run(cfg, accelerator)
+    data = build_data(cfg, accelerator)
+    cfg = data.cfg
+    built = build_model(cfg, data, accelerator, out)
+    if cfg.dry_run:
+        describe_trainable(cfg, built, accelerator)
+        return None
+    optim = build_optimisation(cfg, data, built, accelerator, out)
+    checkpointer = Checkpointer(accelerator, optim.model, out / "checkpoints", cfg.save_total_limit,
+                                run_shape(cfg, data, built), fresh=resume_from is None)
+    with latest_hint(cfg, resume_from):
+        state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
+    logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_id, resumed=resume_from is not None)
+    started = time.perf_counter()
+    with StopSignal() as stop:
+        fit(cfg, built.plan, accelerator, optim, logger, checkpointer, state, stop)
+    return finish(cfg, data, built, optim, accelerator, logger, state, out,
+                  runtime=time.perf_counter() - started, wall_start=wall_start)
+
+
+def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, str | None]:
+    """Seed, check the output folder, and find the checkpoint to resume from: (output folder, checkpoint or None,
+    the tracker run id it recorded)."""
     if cfg.classifier_head in CUSTOM_HEADS and accelerator.is_main_process:
         print(custom_head_warning(cfg.classifier_head), file=sys.stderr)
     set_seed(cfg.seed)
@@ -162,17 +228,23 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     # Read the checkpoint's JSON state now: a corrupt one fails before minutes of data and model loading.
     with latest_hint(cfg, resume_from):
         tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
+    return out, resume_from, tracker_run_id
 
-    # Data: validated, split, tokenized once (the main process fills the datasets cache, the others read it).
+
+def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
+    """Validated, split, tokenized once (the main process fills the datasets cache, the others read it)."""
     tokenizer = load_tokenizer(cfg)
     with accelerator.main_process_first():
-        splits = load_splits(cfg)
+        splits, validation_source = load_splits_and_validation_source(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
     # The class names are known now (--label_names, else the dataset's ClassLabel names).
     cfg = replace(cfg, label_names=splits["train"].features["label"].names)
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
+    return Data(cfg, tokenizer, splits, tokenized, loaders, validation_source)
 
-    # Model: base + LoRA within the parameter budget.
+
+def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Path) -> Built:
+    """Base + LoRA within the parameter budget, and the plan (printed)."""
     model = apply_lora(load_base_model(cfg), cfg)
     # With LoRA on the top layers only, the layers below run without autograd (and, opted in, from a cache).
     prefix = enable_frozen_prefix(model) if cfg.frozen_prefix else None
@@ -183,61 +255,73 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if half is not None and cfg.cast_frozen_weights:
         cast_frozen_linear_weights(model, half)
+    splits = data.splits
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
     accelerator.print(plan.describe(trainable, total_params))
     if prefix is not None:
-        accelerator.print(describe_prefix(prefix, cfg, list(tokenized["train"]["length"]),
+        accelerator.print(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
                                           model.get_base_model().config.hidden_size, half or torch.float32,
                                           out / CACHE_DIR))
-    if cfg.dry_run:
-        rank = model.peft_config["default"].r
-        accelerator.print(f"LoRA rank {rank}" + (" (auto: largest that fits)" if cfg.lora_r == "auto" else "")
-                          + f", budget {cfg.max_trainable_params:,}; trainable parameters by module:")
-        for name, count in trainable_breakdown(model).items():
-            accelerator.print(f"  {name:<40} {count:>12,}")
-        return None
+    return Built(model, plan, trainable, total_params, prefix, half or torch.float32)
 
+
+def describe_trainable(cfg: TrainConfig, built: Built, accelerator: Accelerator) -> None:
+    """--dry_run: the rank and the trainable parameters by module kind."""
+    rank = built.model.peft_config["default"].r
+    accelerator.print(f"LoRA rank {rank}" + (" (auto: largest that fits)" if cfg.lora_r == "auto" else "")
+                      + f", budget {cfg.max_trainable_params:,}; trainable parameters by module:")
+    for name, count in trainable_breakdown(built.model).items():
+        accelerator.print(f"  {name:<40} {count:>12,}")
+
+
+def build_optimisation(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path) -> Optimisation:
+    """AdamW over the trainable parameters, the schedule, and `accelerator.prepare` (FSDP: LoRA-aware wrapping)."""
     if cfg.cache_frozen_prefix:
-        attach_cache(prefix, model, cfg, splits["train"], tokenized["train"], half or torch.float32, out / CACHE_DIR,
-                     accelerator)
-    groups = optimizer_param_groups(model, cfg.weight_decay, cfg.head_learning_rate)
+        attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"], built.frozen_dtype,
+                     out / CACHE_DIR, accelerator)
+    groups = optimizer_param_groups(built.model, cfg.weight_decay, cfg.head_learning_rate)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-    scheduler = make_scheduler(cfg, optimizer, plan)
-    use_lora_wrap_policy(accelerator, model)
-    model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, scheduler, loaders["train"], loaders["validation"]
-    )
-    # What a resumed run must share with this one: the shape, the rows of every split it trains and selects on
-    # (not just their count), and every option that changes the math.
-    fingerprints = {f"{name}{FINGERPRINT_SUFFIX}": fingerprint_rows(splits[name]["text"], splits[name]["label"])
+    scheduler = make_scheduler(cfg, optimizer, built.plan)
+    use_lora_wrap_policy(accelerator, built.model)
+    return Optimisation(*accelerator.prepare(
+        built.model, optimizer, scheduler, data.loaders["train"], data.loaders["validation"]
+    ))
+
+
+def run_shape(cfg: TrainConfig, data: Data, built: Built) -> dict:
+    """What a resumed run must share with this one: the shape, the rows of every split it trains and selects on
+    (not just their count), and every option that changes the math."""
+    fingerprints = {f"{name}{FINGERPRINT_SUFFIX}": fingerprint_rows(data.splits[name]["text"], data.splits[name]["label"])
                     for name in ("train", "validation")}
-    run_shape = {**plan.shape(cfg), **fingerprints, OPTIONS_KEY: cfg.resume_critical()}
-    checkpointer = Checkpointer(
-        accelerator, model, out / "checkpoints", cfg.save_total_limit, run_shape, fresh=resume_from is None
-    )
-    with latest_hint(cfg, resume_from):
-        state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
+    return {**built.plan.shape(cfg), **fingerprints, OPTIONS_KEY: cfg.resume_critical()}
+
+
+def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path, state: TrainState,
+                  tracker_run_id: str | None, resumed: bool) -> RunLogger:
+    """metrics.jsonl and the tracker run (the checkpoint's run continued when resuming)."""
     logger = RunLogger(accelerator, out)
-    data_sizes = {f"{name}_examples": len(split) for name, split in splits.items()}
-    params = {"trainable_params": trainable, "total_params": total_params}
+    data_sizes = {f"{name}_examples": len(split) for name, split in data.splits.items()}
+    params = {"trainable_params": built.trainable_params, "total_params": built.total_params}
     logger.start(
-        cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(plan)),
-        resume_run_id=tracker_run_id, resume_step=state.step if resume_from else None,
+        cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(built.plan)),
+        resume_run_id=tracker_run_id, resume_step=state.step if resumed else None,
     )
     state.tracker_run_id = logger.run_id or tracker_run_id
+    return logger
 
-    started = time.perf_counter()
-    with StopSignal() as stop:
-        fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, checkpointer, state, stop)
-    runtime = time.perf_counter() - started
 
+def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, accelerator: Accelerator,
+           logger: RunLogger, state: TrainState, out: Path, runtime: float, wall_start: float) -> dict:
+    """The best weights back into the model, the test split, the misclassified table, then (main process) the
+    adapter, the report and card, the tracker summary and results.json, last."""
+    model, plan = optim.model, built.plan
     # The deliverable is the best adapter, not the last one.
     unwrapped = accelerator.unwrap_model(model)
     load_trainable(unwrapped, state.best_weights)
     results = {
-        "trainable_params": trainable,
-        "total_params": total_params,
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
         "best_step": state.best_step,
         "best_eval_accuracy": state.best_accuracy,
         "global_step": state.step,
@@ -249,18 +333,18 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         "mixed_precision": plan.mixed_precision,
         "num_threads": plan.num_threads,
     }
-    if "test" in loaders:
-        test = score_split(model, accelerator.prepare(loaders["test"]), accelerator, len(cfg.label_names))
+    if "test" in data.loaders:
+        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names))
         results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
                         "test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
     # A resumed run whose best step came before the interruption scores the restored best weights once more.
     if state.best_predictions is None:
-        state.best_predictions = predict_logits(model, val_loader, accelerator)
-    validation = classification_report(*state.best_predictions, cfg.label_names)
+        state.best_predictions = predict_logits(model, optim.val_loader, accelerator)
+    validation = {**classification_report(*state.best_predictions, cfg.label_names), "source": data.validation_source}
     if accelerator.is_main_process:
-        ordered = splits["validation"].select(eval_order(tokenized["validation"]))
+        ordered = data.splits["validation"].select(eval_order(data.tokenized["validation"]))
         rows = worst_misclassified(
             *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS
         )
@@ -269,7 +353,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_adapter(unwrapped, tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
+        save_adapter(unwrapped, data.tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
                      classifier_head=cfg.classifier_head)
         write_run_report(out, cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
@@ -290,12 +374,13 @@ def latest_hint(cfg: TrainConfig, checkpoint: Path | None) -> Iterator[None]:
         raise with_older_hint(err, checkpoint) from None
 
 
-def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_loader, logger, checkpointer,
-        state: TrainState, stop: StopSignal) -> TrainState:
+def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisation, logger: RunLogger,
+        checkpointer: Checkpointer, state: TrainState, stop: StopSignal) -> TrainState:
     """The loop: accumulate, clip, check, step; log, evaluate, checkpoint and stop on optimizer-step boundaries.
 
     `state` is fresh or restored from a checkpoint: the loop continues at its epoch and batch position.
     """
+    model, optimizer, scheduler, train_loader = optim.model, optim.optimizer, optim.scheduler, optim.train_loader
     preflight_pending = state.step == 0
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = 0
@@ -356,7 +441,7 @@ def fit(cfg, plan, accelerator, model, optimizer, scheduler, train_loader, val_l
                 micro_batches = 0
             with throughput.paused():
                 if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
-                    run_evaluation(cfg, accelerator, model, val_loader, logger, state)
+                    run_evaluation(cfg, accelerator, model, optim.val_loader, logger, state)
                 if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop_requested:
                     checkpointer.save(state.step, state.counters(), state.best_weights)
             if stop_requested:
@@ -385,7 +470,9 @@ def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool
     return True
 
 
-def run_evaluation(cfg, accelerator, model, val_loader, logger, state: TrainState) -> None:
+def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, val_loader: DataLoader,
+                   logger: RunLogger, state: TrainState) -> None:
+    """Score the validation split, log it, and keep the weights and predictions when they are the best so far."""
     started = time.perf_counter()
     logits, labels = predict_logits(model, val_loader, accelerator)
     metrics = classification_metrics(logits, labels, len(cfg.label_names))

@@ -7,8 +7,10 @@ with a reason when that folder is absent).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +210,18 @@ def accelerate_launch(
         [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), script, *script_args],
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with hidden/attention dropout 0 (RoBERTa's default 0.1 would draw different masks in runs
+    that must train alike); the classifier head inherits hidden_dropout_prob."""
+    out = tmp_path_factory.mktemp("tiny-no-dropout")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from datasets import ClassLabel
 
 from conftest import HUB_STYLE_NAMES, LABELS, synthetic_rows, write_canonical_csv, write_hub_style_dataset
 from peft_agnews.config import TrainConfig
-from peft_agnews.data import load_splits, read_labelled_file
+from peft_agnews.data import load_splits, load_splits_and_validation_source, read_labelled_file
 from peft_agnews.errors import UsageError
 
 
@@ -149,8 +149,16 @@ def test_dataset_folder_gives_joined_text_classlabel_names_and_its_test_split(hu
 
 def test_dataset_folder_validation_split_is_used_and_missing_columns_are_named(tmp_path):
     folder = write_hub_style_dataset(tmp_path / "ds", {"train": 80, "validation": 20, "test": 20})
-    splits = load_splits(TrainConfig(dataset_name=str(folder), text_column_names=["title"], label_column_name="topic"))
+    cfg = TrainConfig(dataset_name=str(folder), text_column_names=["title"], label_column_name="topic")
+    splits, source = load_splits_and_validation_source(cfg)
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (80, 20, 20)
+    # What the model card says about the validation rows: the dataset's own split, not a stratified one.
+    assert source == f"the `validation` split of `{folder}`"
+    no_validation = write_hub_style_dataset(tmp_path / "ds2", {"train": 80, "test": 20})
+    _, source = load_splits_and_validation_source(TrainConfig(**{**cfg.__dict__, "dataset_name": str(no_validation),
+                                                                "max_eval_samples": 4}))
+    assert source == "a stratified 10% split of the training data (seed 37), 4 of its rows drawn at random " \
+                     "(--max_eval_samples, seed 37)"
     with pytest.raises(UsageError, match=r"no column\(s\) \['text', 'label'\].*--text_column_names"):
         load_splits(TrainConfig(dataset_name=str(folder)))
 def test_non_utf8_byte_offset_is_the_files_own_and_a_folder_is_named(tmp_path):

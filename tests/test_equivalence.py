@@ -4,7 +4,6 @@ trains the same LoRA weights, on the same rows, with the same learning-rate sequ
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -75,18 +74,6 @@ def test_optimizer_steps_and_warmup_do_not_depend_on_the_process_count(examples)
         assert plan.effective_batch == 128
         plans.append((plan.steps_per_epoch, plan.total_steps, plan.warmup_steps, plan.num_epochs))
     assert len(set(plans)) == 1 and plans[0][0] == -(-examples // 128)
-
-
-@pytest.fixture(scope="module")
-def no_dropout_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with hidden/attention dropout 0 (RoBERTa's default 0.1 would draw different masks per
-    layout); the classifier head inherits hidden_dropout_prob."""
-    out = tmp_path_factory.mktemp("tiny-no-dropout")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,10 @@ def test_card_reports_each_split_it_was_measured_on():
                "num_processes": 2, "mixed_precision": "fp16", "test_accuracy": 0.9, "test_f1_macro": 0.89,
                "test_loss": 0.3, "test_examples": 7600}
     validation = {"accuracy": 0.91, "f1_macro": 0.905, "loss": 0.28, "num_examples": 1043,
-                  "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 260} for n in LABELS}}
+                  "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 260} for n in LABELS},
+                  "source": "the `validation` split of `my/dataset`"}
     card = adapter_card(cfg, results, validation, lora_rank=8)
+    assert "- Validation: the `validation` split of `my/dataset`." in card and "stratified" not in card
     assert "| validation (best step 400 of 600) | 1043 | 0.9100 | 0.9050 | 0.2800 |" in card
     assert "| test (`test.csv`) | 7600 | 0.9000 | 0.8900 | 0.3000 |" in card
     assert "Trainable parameters: 907,012 of 125,555,720 (0.72%)" in card
@@ -119,7 +121,8 @@ def test_card_names_the_rank_that_auto_chose_and_the_head():
     results = {"trainable_params": 915_460, "total_params": 125_555_720, "best_step": 4, "global_step": 8,
                "num_processes": 1, "mixed_precision": "no"}
     validation = {"accuracy": 0.5, "f1_macro": 0.5, "loss": 1.0, "num_examples": 8,
-                  "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for n in LABELS}}
+                  "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for n in LABELS},
+                  "source": "a stratified 10% split of the training data (seed 37)"}
     card = adapter_card(cfg, results, validation, lora_rank=5)
     assert "LoRA r=5 (auto: the largest that fits the budget), alpha=16" in card and "r=auto" not in card
     assert "a `mean` pooling head (one Linear) trained" in card

@@ -7,7 +7,6 @@ layers, and the cache the same adapter as no cache, at 1 and 2 processes.
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -153,16 +152,6 @@ def test_cache_over_the_size_limit_is_refused_before_anything_is_written(tmp_pat
 
 
 # --- end to end (fp32, dropout off): the same adapter with and without prefix mode and cache -------------------
-
-@pytest.fixture(scope="module")
-def no_dropout_model_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-no-dropout")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
 
 def prefix_args(model_dir, train_csv, out, **overrides) -> list[str]:
     """2 epochs (the cache is filled in the first and read in the second), LoRA on the top layer of 2."""
