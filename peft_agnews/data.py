@@ -62,37 +62,49 @@ def is_canonical_agnews(first_line: str, path: Path) -> bool:
     return len(row) == 3 and row[0].strip().lstrip("-").isdigit()
 
 
-def _raw_dataset(path: Path, **kwargs) -> Dataset:
+TABLE_SUFFIXES = tuple(_LOADERS)
+
+
+def _raw_dataset(path: Path, what: str, **kwargs) -> Dataset:
     builder = _LOADERS[path.suffix.lower()]
     try:
         return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
         if "corresponds to no data" in str(err):
-            raise UsageError(f"{path}: the file has no rows; give a file with labelled examples") from None
+            raise UsageError(f"{path}: the file has no rows; give a file with {what}") from None
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UsageError(f"{path}: could not be parsed as {builder} ({detail}); check the file's format") from None
+
+
+def read_table(path: Path, option: str, what: str, all_text: bool = False) -> tuple[Dataset, bool]:
+    """A CSV, JSON Lines, JSON or Parquet file as a Dataset of its columns, and whether it is the canonical
+    headerless AG News CSV (its columns then CANONICAL_COLUMNS, all strings). The one reader of these formats, for
+    training data, evaluate and predict: the file must exist, be of a supported type, decode as UTF-8 and hold rows
+    (`what` names them in the error). `all_text`: every column of a CSV with a header read as written (strings),
+    so ids and texts are never converted to numbers."""
+    check_input_file(path, option)
+    suffix = path.suffix.lower()
+    if suffix not in _LOADERS:
+        raise UsageError(f"{path}: unsupported file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
+    # Text formats are decoded once, up front: a non-UTF-8 file fails here with the byte offset.
+    first_line = _check_readable_text(path) if suffix in (".csv", ".jsonl", ".json") else ""
+    if suffix == ".csv" and is_canonical_agnews(first_line, path):
+        features = Features({c: Value("string") for c in CANONICAL_COLUMNS})
+        return _raw_dataset(path, what, column_names=CANONICAL_COLUMNS, header=None, features=features,
+                            keep_default_na=False), True
+    if suffix != ".csv":
+        return _raw_dataset(path, what), False
+    header = next(csv.reader([first_line]), []) if all_text else []
+    as_text = {"features": Features({c: Value("string") for c in header})} if header else {}
+    return _raw_dataset(path, what, keep_default_na=False, **as_text), False
 
 
 def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
     """Read one labelled file into `text`/`label` columns, validating every row."""
     path = Path(path_str)
-    check_input_file(path, "--*_file")
-    suffix = path.suffix.lower()
-    if suffix not in _LOADERS:
-        raise UsageError(f"{path}: unsupported file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
-
-    # Text formats are decoded once, up front: a non-UTF-8 file fails here with the byte offset.
-    first_line = _check_readable_text(path) if suffix in (".csv", ".jsonl", ".json") else ""
-    if suffix == ".csv" and is_canonical_agnews(first_line, path):
-        raw = _raw_dataset(
-            path,
-            column_names=CANONICAL_COLUMNS,
-            header=None,
-            features=Features({c: Value("string") for c in CANONICAL_COLUMNS}),
-            keep_default_na=False,
-        )
+    raw, canonical = read_table(path, "--*_file", "labelled examples")
+    if canonical:
         return _validate(_from_canonical(raw, path, len(label_names)), path, label_names)
-    raw = _raw_dataset(path, **({"keep_default_na": False} if suffix == ".csv" else {}))
     missing = [c for c in ("text", "label") if c not in raw.column_names]
     if missing:
         raise UsageError(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from peft_agnews.cli import parse_args
-from peft_agnews.data import CANONICAL_COLUMNS, is_canonical_agnews, canonical_text, check_input_file, non_string_text
+from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, non_string_text, read_table
 from peft_agnews.errors import UsageError, first_line, run_command
 from peft_agnews.files import atomic_write
 from peft_agnews.config import option
@@ -72,23 +72,11 @@ def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
 
 
 def _read_frame(path: Path, suffix: str, text_column: str) -> pd.DataFrame:
+    if suffix in TABLE_SUFFIXES:  # read as training data is (a canonical AG News CSV's class column is ignored)
+        return read_table(path, "--input_file", "text to classify", all_text=True)[0].to_pandas()
     try:
         if suffix == ".txt":
             return pd.DataFrame({text_column: path.read_text(encoding="utf-8").splitlines()})
-        if suffix == ".csv":
-            with path.open(encoding="utf-8") as handle:
-                first = handle.readline()
-            if is_canonical_agnews(first, path):  # labelled canonical file: the class column is ignored
-                return pd.read_csv(path, header=None, names=CANONICAL_COLUMNS, dtype=str, keep_default_na=False)
-            text_columns = {column: str for column in (text_column, "title", "description")}
-            return pd.read_csv(path, keep_default_na=False, dtype=text_columns)
-        if suffix in (".jsonl", ".json"):
-            try:
-                return pd.read_json(path, lines=True, dtype=False)
-            except ValueError:
-                return pd.read_json(path, dtype=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
         loaded = pd.read_pickle(path)
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text ({err.reason}); re-encode it as UTF-8") from None

@@ -269,3 +269,18 @@ def test_first_csv_line_over_the_csv_field_limit_is_one_error(trained_adapter_ru
     argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--output_file", str(out)]
     assert cli([*argv, "--input_file", str(head_long)]) == 2
     assert "first line" in one_error_line(capsys)
+
+
+def test_tables_are_read_by_the_training_reader_ids_as_written(trained_adapter_run, tmp_path, capsys):
+    """CSV/JSONL/Parquet go through data.read_table (as training files do): a CSV's ids stay as written, and a
+    non-UTF-8 file is named with the offending byte."""
+    (tmp_path / "ids.csv").write_text("ID,text\n007,goal coach season\n12,shares profit bank\n")
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--input_file", str(tmp_path / "ids.csv"),
+            "--output_file", str(tmp_path / "pred.csv")]
+    assert cli(argv) == 0
+    assert pd.read_csv(tmp_path / "pred.csv", dtype=str).ID.tolist() == ["007", "12"]
+    (tmp_path / "latin1.csv").write_bytes(b"ID,text\n1,Caf\xe9 prices\n")
+    argv = ["--adapter_dir", str(trained_adapter_run / "adapter"), "--input_file", str(tmp_path / "latin1.csv"),
+            "--output_file", str(tmp_path / "pred2.csv")]
+    assert cli(argv) == 2
+    assert "not UTF-8 text (byte 13:" in one_error_line(capsys) and not (tmp_path / "pred2.csv").exists()
