@@ -128,3 +128,21 @@ def test_the_option_is_parsed_and_unknown_generators_are_refused():
     assert TrainConfig().dropout_generator == "torch"
     with pytest.raises((UsageError, SystemExit)):
         parse_config(["--dropout_generator", "philox"])
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dir):
+    """Checkpointing re-runs each layer's forward in backward; torch restores its generator state for that, so the
+    recomputed masks (seeded from it) match and the gradients equal those of a run without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(model_name_or_path=str(tiny_model_dir), dropout_generator="pcg64", lora_dropout=0.2,
+                          gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = apply_lora(load_base_model(cfg), cfg).train()
+        torch.manual_seed(5)
+        model(**BATCH, labels=torch.tensor([0, 3, 1])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
