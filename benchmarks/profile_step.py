@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = [
     ("attention (SDPA / bmm / softmax)", ("scaled_dot_product", "flash_attention", "bmm", "softmax", "baddbmm")),
     ("matmuls (Linear: addmm/mm)", ("addmm", "aten::mm", "linear", "matmul")),
-    ("dropout masks", ("dropout", "bernoulli")),
+    ("dropout masks", ("dropout", "bernoulli")),  # "dropout mask (pcg64)" is the pcg64 generator's own event
     ("LayerNorm", ("layer_norm",)),
     ("GELU", ("gelu",)),
     ("dtype casts / copies", ("aten::to", "_to_copy", "copy_", "clone", "contiguous")),
@@ -45,19 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps (phase medians); the last one is profiled")
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
+    p.add_argument("--dropout_generator", choices=["torch", "pcg64"], default="torch")
     p.add_argument("--model_dir", default=None, help="an existing model folder (default: the roberta-base shape that "
                    "benchmarks/train_throughput.py builds)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "agnews" / "train_head10429.csv"))
     p.add_argument("--top_ops", type=int, default=0, help="also print the N operators with most self time")
     return p.parse_args(argv)
-
-
-def cpu_flags(wanted: tuple[str, ...] = ("avx512f", "avx512_bf16", "amx_bf16")) -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
 def kind_of(name: str) -> str:
@@ -79,13 +72,15 @@ def main(argv=None) -> None:
     from peft_agnews.batching import make_dataloaders, tokenize_splits
     from peft_agnews.config import TrainConfig
     from peft_agnews.data import load_splits
+    from peft_agnews.hardware import cpu_bf16_flags
     from peft_agnews.model import (apply_lora, cast_frozen_linear_weights, load_base_model, load_tokenizer,
                                    optimizer_param_groups)
 
     model_dir = args.model_dir or prepare_model(throughput_args([]))
     cfg = TrainConfig(model_name_or_path=str(model_dir), train_file=args.data, gradient_accumulation_steps=1,
                       per_device_train_batch_size=args.batch_size, mixed_precision="no" if args.precision == "fp32"
-                      else "bf16", gradient_checkpointing=args.gradient_checkpointing == "true", report_to="none")
+                      else "bf16", gradient_checkpointing=args.gradient_checkpointing == "true", report_to="none",
+                      dropout_generator=args.dropout_generator)
     accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
     tokenizer = load_tokenizer(cfg)
     loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
@@ -140,7 +135,8 @@ def main(argv=None) -> None:
     op_total = sum(fb_ops.values())
     threads = torch.get_num_threads()
     print(f"{args.precision}, batch {args.batch_size}, shapes {phases['shape']}, torch threads {threads}, "
-          f"CPU flags {cpu_flags()}, gradient checkpointing {args.gradient_checkpointing}; median step "
+          f"CPU bf16 flags {' '.join(cpu_bf16_flags()) or 'none'}, gradient checkpointing "
+          f"{args.gradient_checkpointing}, dropout generator {args.dropout_generator}; median step "
           f"{step_s:.3f} s ({args.batch_size / step_s:.2f} samples/s) over {args.steps} steps after {args.warmup}\n")
     print("| row | s per step | share |\n|---|---|---|")
     rows = []

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_rows", type=int, default=256)
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
+    p.add_argument("--dropout_generator", choices=["torch", "pcg64"], default="torch",
+                   help="our runners' --dropout_generator; the Trainer always draws torch's masks (same rates, same "
+                        "Bernoulli distribution)")
     p.add_argument("--runners", default="ours,trainer",
                    help="comma list of: ours, ours_typed (the headline command in a subprocess), trainer (fed our "
                         "exact batch order), trainer_padded (every row padded to --max_length, random order: the "
@@ -132,7 +135,7 @@ def run_ours(args, model_dir: Path, launched: float) -> dict:
         max_train_steps=args.warmup + args.steps, max_eval_samples=args.eval_rows, max_length=args.max_length,
         logging_steps=1, eval_steps=10**9, save_steps=0, report_to="none",
         mixed_precision="no" if args.precision == "fp32" else args.precision,
-        gradient_checkpointing=args.gradient_checkpointing == "true",
+        gradient_checkpointing=args.gradient_checkpointing == "true", dropout_generator=args.dropout_generator,
     )
     run(cfg)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -175,6 +178,7 @@ def run_ours_typed(args, model_dir: Path, launched: float) -> dict:
         "gradient_accumulation_steps": 1, "max_train_steps": args.warmup + args.steps,
         "max_eval_samples": args.eval_rows, "max_length": args.max_length, "logging_steps": 1, "eval_steps": 10**9,
         "save_steps": 0, "report_to": "none", "gradient_checkpointing": args.gradient_checkpointing,
+        "dropout_generator": args.dropout_generator,
     }
     if args.typed_precision != "auto":
         options["mixed_precision"] = "no" if args.precision == "fp32" else args.precision
@@ -206,13 +210,14 @@ def run_ours_typed(args, model_dir: Path, launched: float) -> dict:
 
 def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dict:
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
     from peft_agnews.batching import LengthGroupedSampler
     from peft_agnews.config import TrainConfig
     from peft_agnews.data import load_splits
+    from peft_agnews.model import lora_config
 
     cfg = TrainConfig(train_file=args.data, max_eval_samples=args.eval_rows)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -250,15 +255,15 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
                 self.first_step_wall = time.time()
 
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=4)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.2,
-                                            bias="lora_only", target_modules=["query", "value"]))
+    model = get_peft_model(base, lora_config(cfg, int(cfg.lora_r), base.config.num_hidden_layers))  # the reference LoRA
     training_args = TrainingArguments(
         output_dir=str(Path(args.work_dir) / f"trainer-{os.getpid()}"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, max_steps=args.warmup + args.steps, learning_rate=1e-4, weight_decay=0.01,
-        warmup_steps=0.1, lr_scheduler_type="linear", bf16=args.precision == "bf16", fp16=args.precision == "fp16",
+        per_device_eval_batch_size=64, max_steps=args.warmup + args.steps, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
+        bf16=args.precision == "bf16", fp16=args.precision == "fp16",
         gradient_checkpointing=args.gradient_checkpointing == "true",
         train_sampling_strategy="random" if pad_to_max else "group_by_length",
-        logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=37,
+        logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
         use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
     )
     class SameBatchesTrainer(Trainer):
@@ -342,7 +347,7 @@ def main(argv=None) -> None:
         flops = med["tokens_s"] * 4 * n_linear
         rows.append({"runner": runner, **med, "tflops": flops / 1e12, "mfu": flops / peak})
     print(f"\n{args.device}, {args.precision}, batch {args.batch_size}, gradient checkpointing "
-          f"{args.gradient_checkpointing}, {args.steps} timed steps after {args.warmup}, median of {args.rounds} "
+          f"{args.gradient_checkpointing}, our dropout generator {args.dropout_generator} (trainer: torch), {args.steps} timed steps after {args.warmup}, median of {args.rounds} "
           f"round(s); matmul peak {peak / 1e12:.3f} TFLOP/s ({args.precision}); model {model_dir.name}\n")
     header = "| runner | train samples/s | real tokens/s | padding eff. | TFLOP/s | MFU | peak mem GiB | eval samples/s | launch to 1st step s |"
     print(header + "\n|" + "---|" * 9)

@@ -86,6 +86,11 @@ class TrainConfig:
         None, "Set every dropout inside the base model and head (hidden, attention, classifier) to this rate; "
         "unset keeps the model's own. 0 (with --lora_dropout 0) made CPU steps 1.2-1.6x faster (BENCHMARKS.md).",
     )
+    dropout_generator: Literal["torch", "pcg64"] = option(
+        "torch", "What draws the dropout masks (model, head, LoRA, attention probabilities): torch's CPU generator, "
+        "or pcg64 (one seed per mask from torch's generator, bits from numpy's PCG64; keep probability quantised "
+        "to 2^-16; CPU only, GPUs keep torch's): faster CPU steps, see BENCHMARKS.md.",
+    )
     lora_bias: Literal["none", "all", "lora_only"] = option("lora_only", "Which biases to train.")
     lora_target_modules: list[str] = option(["query", "value"], "Module names that get LoRA adapters.")
     lora_layers: str = option(

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
+from peft_agnews.dropout import use_pcg64_dropout
 from peft_agnews.errors import GradientFlowError, UsageError, first_line
 
 # Every Linear kind of a BERT/RoBERTa encoder layer: `--lora_target_modules` for LoRA on all of them.
@@ -101,6 +102,8 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
         set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
     model = wrap_with_lora(base, cfg, rank)
+    if cfg.dropout_generator == "pcg64":
+        use_pcg64_dropout(model)  # after wrapping: PEFT's lora_dropout layers exist only now
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(

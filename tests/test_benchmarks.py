@@ -18,7 +18,7 @@ def test_train_throughput_benchmark_runs_both_loops(tiny_model_dir, synthetic_tr
         sys.executable, "benchmarks/train_throughput.py", "--model_dir", str(tiny_model_dir),
         "--data", str(synthetic_train_csv), "--precision", "fp32", "--batch_size", "8", "--steps", "2",
         "--warmup", "1", "--rounds", "1", "--eval_rows", "16", "--work_dir", str(tmp_path / "work"),
-        "--json_out", str(out), "--runners", "ours,ours_typed,trainer",
+        "--json_out", str(out), "--runners", "ours,ours_typed,trainer", "--dropout_generator", "pcg64",
     ])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "| trainer |" in proc.stdout
@@ -27,6 +27,9 @@ def test_train_throughput_benchmark_runs_both_loops(tiny_model_dir, synthetic_tr
     rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
     for row in rows.values():
         assert row["samples_s"] > 0 and 0 < row["pad_eff"] <= 1 and row["eval_samples_s"] > 0 and row["mfu"] > 0
+    # the headline command got the generator, and its run_config.json records it
+    typed_run = next((tmp_path / "work").glob("ours-typed-*"))
+    assert json.loads((typed_run / "run_config.json").read_text())["dropout_generator"] == "pcg64"
 
 
 @pytest.mark.slow
@@ -41,10 +44,11 @@ def test_step_time_benchmark_times_each_variant_in_its_own_process():
 
 
 @pytest.mark.slow
-def test_profile_step_benchmark_splits_a_step_into_rows(tiny_model_dir, synthetic_train_csv):
+@pytest.mark.parametrize("generator", ["torch", "pcg64"])
+def test_profile_step_benchmark_splits_a_step_into_rows(generator, tiny_model_dir, synthetic_train_csv):
     proc = run_cli([sys.executable, "benchmarks/profile_step.py", "--model_dir", str(tiny_model_dir), "--data",
-                    str(synthetic_train_csv), "--precision", "bf16", "--batch_size", "8", "--warmup", "1", "--steps", "2"],
-                   env={"HF_HUB_OFFLINE": "1"})
+                    str(synthetic_train_csv), "--precision", "bf16", "--batch_size", "8", "--warmup", "1", "--steps", "2",
+                    "--dropout_generator", generator], env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| row")}

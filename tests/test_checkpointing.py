@@ -79,6 +79,17 @@ def test_resume_from_a_checkpoint_is_exact(step, reference, tiny_model_dir, synt
     assert_same_run(tmp_path, reference)
 
 
+def test_resume_with_pcg64_dropout_masks_is_exact(tiny_model_dir, synthetic_train_csv, tmp_path):
+    """The masks' seeds come from torch's generator, whose state every checkpoint saves (dropout on everywhere)."""
+    options = {"dropout_generator": "pcg64", "lora_dropout": 0.2, "model_dropout": 0.1}
+    reference = tmp_path / "reference"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, reference, **options)) == 0
+    checkpoint = reference / "checkpoints" / "step_5"
+    resumed = tmp_path / "resumed"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, resumed, resume_from_checkpoint=checkpoint, **options)) == 0
+    assert_same_run(resumed, reference)
+
+
 def test_checkpoints_hold_only_what_changes(reference):
     checkpoint = reference / "checkpoints" / "step_5"
     names = {p.name for p in checkpoint.iterdir()}
