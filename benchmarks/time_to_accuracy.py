@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -45,6 +46,31 @@ SCREEN = {
     "top1 + cache, bf16": top(1),
     "top2, no cache, bf16": top(2, cache=False),
     "top2 + cache, fp32": top(2, precision="no"),
+    # Session 4: fewer, larger steps (the trained top is bound by per-step cost), more cached epochs of few layers.
+    "top2 + cache, bf16, batch 128, lr x2": top(2, per_device_train_batch_size=128, learning_rate=4e-3,
+                                                head_learning_rate=2e-2),
+    "top1 + cache, bf16, 3 epochs": top(1, epochs=3),
+    "top1 + cache, bf16, batch 128, lr x2, 3 epochs": top(1, per_device_train_batch_size=128, learning_rate=4e-3,
+                                                          head_learning_rate=2e-2, epochs=3),
+    "top3 + cache, bf16, batch 128, lr x2": top(3, per_device_train_batch_size=128, learning_rate=4e-3,
+                                                head_learning_rate=2e-2),
+    # Eager attention: its backward is ~2x faster than sdpa's CPU flash-attention backward here (profiled).
+    "top3 + cache, bf16, eager": top(3, attn_implementation="eager"),
+    "top2 + cache, bf16, eager": top(2, attn_implementation="eager"),
+    "top2 + cache, bf16, eager, 3 epochs": top(2, attn_implementation="eager", epochs=3),
+    "top1 + cache, bf16, eager, 3 epochs": top(1, attn_implementation="eager", epochs=3),
+    "proxy-minilm.yaml + eager": {**PROXY, "attn_implementation": "eager"},
+    # Fewer tokens (max length 64 truncates ~22% of rows) and fewer epochs (the second half-epoch from the cache).
+    "top3 + cache, bf16, eager, 1.5 epochs": top(3, attn_implementation="eager", epochs=1.5),
+    "top3 + cache, bf16, eager, max length 64": top(3, attn_implementation="eager", max_length=64),
+    "top3 + cache, bf16, eager, max length 64, 1.5 epochs": top(3, attn_implementation="eager", max_length=64,
+                                                                epochs=1.5),
+    # The head reads the first token only: the last layer computed for it alone (exact).
+    "top3 + cache, bf16, eager, first-token last layer": top(3, attn_implementation="eager",
+                                                             first_token_last_layer="true"),
+    "top3 + cache, bf16, first-token last layer": top(3, first_token_last_layer="true"),
+    "top3 + cache, bf16, eager, first-token last layer, max length 64": top(
+        3, attn_implementation="eager", first_token_last_layer="true", max_length=64),
 }
 FINAL = {BASELINE: PROXY, "proxy-fast.yaml": FAST}
 MODES = {"screen": SCREEN, "final": FINAL}
@@ -64,16 +90,34 @@ def pick(records: list[dict], seed: int) -> str:
     return max(candidates, key=lambda n: at_seed[n]["best_eval_accuracy"])
 
 
-def run_variant(name: str, options: dict, seed: int, work_dir: Path, records: list[dict], results_file: Path) -> None:
+def run_variant(name: str, options: dict, seed: int, work_dir: Path, records: list[dict], results_file: Path,
+                lock: str | None = None) -> None:
     options = dict(options)
     epochs = options.pop("epochs", 2)
     slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
-    result = run_one(options, seed, None, None, epochs, work_dir / f"{slug}_s{seed}", precision=options.get(PRECISION_KEY))
+    result = run_one(options, seed, None, None, epochs, work_dir / f"{slug}_s{seed}", precision=options.get(PRECISION_KEY),
+                     lock=lock)
     records.append({"variant": name, "seed": seed, "epochs": epochs, **{
         k: result[k] for k in ("best_eval_accuracy", "train_runtime", "trainable_params", "global_step",
-                               "mixed_precision")}})
+                               "mixed_precision")}, **step_seconds(work_dir / f"{slug}_s{seed}", epochs)})
     results_file.write_text(json.dumps(records, indent=1) + "\n")
     print(f"{name} seed {seed}: {100 * result['best_eval_accuracy']:.2f}% in {result['train_runtime']:.0f}s", flush=True)
+
+
+def step_seconds(out: Path, epochs: float) -> dict:
+    """The cost model from metrics.jsonl's timestamps: mean seconds per optimizer step in the first epoch (the
+    prefix runs) and in later ones (read from the cache), over logging intervals inside one epoch."""
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if "train/epoch" in r]
+    per_epoch: dict[int, list[float]] = {}
+    for before, after in zip(train, train[1:]):
+        if int(before["train/epoch"]) == int(after["train/epoch"]) and after["train/epoch"] % 1:
+            per_epoch.setdefault(int(before["train/epoch"]), []).append(
+                (after["time"] - before["time"]) / (after["step"] - before["step"]))
+    evals = [r for r in logged if "eval/samples_per_second" in r]
+    return {"step_s_first_epoch": statistics.mean(per_epoch.get(0, [math.nan])),
+            "step_s_later_epochs": statistics.mean([s for e, v in per_epoch.items() if e for s in v] or [math.nan]),
+            "eval_samples_per_second": evals[-1]["eval/samples_per_second"] if evals else math.nan}
 
 
 def table(records: list[dict], baseline: str) -> str:
@@ -101,6 +145,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only the variants of these names")
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--work_dir", default="/tmp/peft_agnews_time_to_accuracy")
+    parser.add_argument("--lock", default=None, help="a lock file each run holds while it trains (flock), e.g. "
+                        "/tmp/peft-cpu.lock: one invocation of many runs without holding the machine between them")
     args = parser.parse_args()
     results_file = REPO / "benchmarks" / "results" / f"time_to_accuracy_{args.which}.json"
     records = json.loads(results_file.read_text()) if results_file.is_file() else []
@@ -113,7 +159,7 @@ def main() -> None:
                 if (name, seed) in done or (args.only and name not in args.only):
                     continue
                 try:
-                    run_variant(name, options, seed, work_dir, records, results_file)
+                    run_variant(name, options, seed, work_dir, records, results_file, args.lock)
                 except RuntimeError as err:  # one failed variant must not cost the rest of the locked session
                     print(f"{name} seed {seed}: {err}", flush=True)
 

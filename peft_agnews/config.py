@@ -33,8 +33,9 @@ RESUMABLE_OPTIONS = (
     "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "dry_run", "max_trainable_params",
     "gradient_checkpointing", "cast_frozen_weights", "attn_implementation",
     # Where and how fast the same math runs, and what is scored at the end: threads, the frozen prefix run under
-    # no_grad and its cache (both exact), the dataset's test split.
-    "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "evaluate_test_split",
+    # no_grad and its cache, the last layer for the first token only (all exact), the dataset's test split.
+    "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "first_token_last_layer",
+    "evaluate_test_split",
     "report_to", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
 )
 
@@ -115,6 +116,10 @@ class TrainConfig:
         "output_dir/prefix_cache, and read it in later epochs (needs dropout 0 there: --model_dropout 0).",
     )
     frozen_prefix_cache_max_gb: float = _opt(20.0, "Refuse to build a frozen-prefix cache larger than this (GB).")
+    first_token_last_layer: bool = _opt(
+        False, "Compute the last encoder layer for the first token only (its keys and values still for every token): "
+        "the heads 'model', 'model_output' and 'first_token' read nothing else. Same results, less work.",
+    )
     # Optimisation
     learning_rate: float = _opt(1e-4, "AdamW peak learning rate.")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
