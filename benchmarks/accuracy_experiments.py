@@ -101,7 +101,7 @@ def wait_for_cpu() -> None:
 
 
 def run_one(options: dict, seed: int, train_samples: int | None, eval_samples: int | None, epochs: float,
-            out: Path, precision: str | None = None) -> dict:
+            out: Path, precision: str | None = None, lock: str | None = None) -> dict:
     options = {**options, **COMMON, "model_name_or_path": minilm_dir(), "seed": seed, "output_dir": str(out),
                "overwrite_output_dir": "true", "num_train_epochs": epochs}
     if precision:  # COMMON pins fp32; a run may choose another precision
@@ -110,7 +110,8 @@ def run_one(options: dict, seed: int, train_samples: int | None, eval_samples: i
         options["max_train_samples"] = train_samples
     if eval_samples:
         options["max_eval_samples"] = eval_samples
-    argv = [sys.executable, "-m", "peft_agnews.train"]
+    # With a lock file, each run waits for it and holds it while it trains (flock(1)), not the whole sweep.
+    argv = [*(["flock", lock] if lock else []), sys.executable, "-m", "peft_agnews.train"]
     for key, value in options.items():
         argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",

@@ -80,12 +80,14 @@ def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel
 def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
     """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`."""
     labels = cfg.resolved_label_names()
+    kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
     return load_classification_model(
         cfg.model_name_or_path,
         "--model_name_or_path",
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
+        **kernel,
     )
 
 

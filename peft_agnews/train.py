@@ -59,7 +59,7 @@ from peft_agnews.artifacts import save_adapter, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix
+from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
 from peft_agnews.model_card import write_run_report
 from peft_agnews.model import (
     CUSTOM_HEADS,
@@ -251,6 +251,8 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     if cfg.cache_frozen_prefix and prefix is None:
         raise UsageError("--cache_frozen_prefix needs frozen bottom layers: pass --lora_layers topK with K below "
                          "the model's layer count (and no trainable embeddings)")
+    if cfg.first_token_last_layer:
+        first_token_last_layer(model, cfg.classifier_head)
     trainable, total_params = count_parameters(model)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if half is not None and cfg.cast_frozen_weights:

@@ -17,7 +17,7 @@ from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassifica
 from conftest import REPO, accelerate_launch, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, frozen_depth
+from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, first_token_last_layer, frozen_depth
 from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices
 from peft_agnews.objectives import classification_loss
 from peft_agnews.prefix_cache import KEY_FILE, PrefixCache
@@ -107,6 +107,41 @@ def test_prefix_mode_keeps_the_plain_models_state_dict_names():
 
 def test_nothing_is_frozen_when_every_layer_has_lora():
     assert enable_frozen_prefix(four_layer_model(gradient_checkpointing=False)) is None
+
+
+# --- the last layer for the first token only ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("lora_layers", ["top2", "all"])
+def test_last_layer_for_the_first_token_only_gives_the_same_logits_and_gradients(kernel, lora_layers):
+    """The model head reads only the first token's final state: the last layer computed for that token alone
+    (keys and values still from every token, padding masked) is the same function of the trained weights."""
+    results = []
+    for first_token in (False, True):
+        model = four_layer_model(lora_layers=lora_layers, gradient_checkpointing=False, attn_implementation=kernel)
+        model.get_base_model().config._attn_implementation = kernel  # built in code, not loaded
+        enable_frozen_prefix(model)
+        if first_token:
+            first_token_last_layer(model, "model")
+        widths = []  # tokens reaching the last layer's feed-forward
+        model.get_base_model().roberta.encoder.layer[3].intermediate.register_forward_pre_hook(
+            lambda _, args: widths.append(args[0].shape[1]))
+        model.train()
+        out = model(**BATCH)
+        assert widths == [1 if first_token else BATCH["input_ids"].shape[1]]
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_logits, plain_grads), (logits, grads) = results
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and any("layer.3" in n and "lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_last_layer_for_the_first_token_only_needs_a_head_that_reads_only_the_first_token():
+    model = four_layer_model(lora_layers="top1", gradient_checkpointing=False, classifier_head="mean")
+    with pytest.raises(UsageError, match="--first_token_last_layer needs a head that reads only the first token"):
+        first_token_last_layer(model, "mean")
 
 
 # --- the cache -----------------------------------------------------------------------------------------------
@@ -253,5 +288,6 @@ def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypa
     # Measured before the proxy recipe moved to the `model_output` head (LoRA on pooler.dense too): the model's
     # own head, fully trained, and LoRA on the six encoder Linear kinds.
     overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
-                 "--lora_target_modules", *ALL_LINEAR_TARGETS]
+                 "--lora_target_modules", *ALL_LINEAR_TARGETS,
+                 "--first_token_last_layer", "true", "--attn_implementation", "eager"]
     assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])
