@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from peft_agnews.export import main as export
-from peft_agnews.loading import ModelArgs, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, load_classifier
+from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 from peft_agnews.predict import PredictArgs, read_unlabelled
 

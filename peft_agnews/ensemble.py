@@ -25,7 +25,8 @@ from peft_agnews.cli import parse_args
 from peft_agnews.config import option, shared_option_problems, training_option
 from peft_agnews.data import read_labelled_file
 from peft_agnews.errors import UsageError, run_command
-from peft_agnews.loading import ADAPTER_CONFIG, ModelArgs, load_classifier, score_texts
+from peft_agnews.loading import ADAPTER_CONFIG, ModelArgs, load_classifier
+from peft_agnews.scoring import score_texts
 from peft_agnews.model import read_head_choice
 from peft_agnews.runtime import accelerator_session
 

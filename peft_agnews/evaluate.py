@@ -21,7 +21,8 @@ from peft_agnews.errors import UsageError, run_command
 from peft_agnews.metrics import classification_report
 from peft_agnews.artifacts import write_json
 from peft_agnews.config import option
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 from peft_agnews.figures import plot_confusion_matrix
 

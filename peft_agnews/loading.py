@@ -1,4 +1,4 @@
-"""Load a trained classifier for inference (an adapter on its base, or a merged model) and score text with it.
+"""Load a trained classifier for inference (an adapter on its base, or a merged model) (scoring.py scores text with it).
 
 Shared by evaluate, predict, export and ensemble: the model options are declared here (`ModelArgs`; those training
 also has take their defaults and checks from config.py), every mismatch between an adapter and the model it is
@@ -13,17 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from peft_agnews.batching import length_sorted_dataloader, tokenize_splits
 from peft_agnews.config import option, shared_option_problems, training_option
 from peft_agnews.errors import UsageError, first_line
-from peft_agnews.metrics import predict_logits
 from peft_agnews.artifacts import LABELS_FILE, read_label_names
 from peft_agnews.files import check_writable
 from peft_agnews.model import load_classification_model, load_pretrained_tokenizer, read_head_choice, replace_head
@@ -198,26 +194,6 @@ def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
         return load_classification_model(name, flag, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def score_texts(
-    classifier: Classifier, texts: list[str], labels: list[int] | None, accelerator: Accelerator, args: ModelArgs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for `texts` in input order, computed on all processes in length-sorted batches.
-
-    Without labels, the row index is carried in the label slot; either way the rows are put back in input order.
-    """
-    rows = list(range(len(texts)))
-    data = Dataset.from_dict({"text": texts, "label": rows})
-    tokenized = tokenize_splits(DatasetDict({"data": data}), classifier.tokenizer, args.max_length)["data"]
-    loader = length_sorted_dataloader(tokenized, classifier.tokenizer, args.per_device_eval_batch_size)
-    # Only the loader is prepared (sharded across processes): a frozen model needs no DDP wrapper, just a device.
-    logits, row_ids = predict_logits(classifier.model.to(accelerator.device), accelerator.prepare(loader), accelerator)
-    order = torch.argsort(row_ids)
-    if not torch.equal(row_ids[order], torch.arange(len(texts))):
-        raise RuntimeError(f"gathered {len(row_ids)} rows for {len(texts)} inputs: each row must come back once")
-    restored = torch.tensor(labels) if labels is not None else torch.tensor(rows)
-    return logits[order], restored
 
 
 def check_output_path(path: Path, overwrite: bool, folder: bool = False) -> None:

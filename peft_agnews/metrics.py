@@ -1,5 +1,5 @@
-"""Classification metrics, reports and misclassified rows; predictions gathered from any number of processes, each
-example counted exactly once (`gather_for_metrics`)."""
+"""Classification metrics, reports and misclassified rows, computed from logits and labels (scoring.py produces
+them)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-
-
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for every example of `dataloader`, gathered from all processes, in loader order."""
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels = [], []
-    for batch in dataloader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        # gather_for_metrics drops the samples duplicated to even out the last batch across processes.
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -101,9 +83,3 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, label_name
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
     }
-
-
-def score_split(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict[str, Any]:
-    """Metrics of `model` on the whole split behind `dataloader`."""
-    logits, labels = predict_logits(model, dataloader, accelerator)
-    return classification_metrics(logits, labels, num_labels)

@@ -23,7 +23,8 @@ from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, n
 from peft_agnews.errors import UsageError, first_line, run_command
 from peft_agnews.files import atomic_write
 from peft_agnews.config import option
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")

@@ -48,13 +48,8 @@ from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
-from peft_agnews.metrics import (
-    classification_metrics,
-    classification_report,
-    predict_logits,
-    score_split,
-    worst_misclassified,
-)
+from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
+from peft_agnews.scoring import predict_logits, score_split
 from peft_agnews.artifacts import save_adapter, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,

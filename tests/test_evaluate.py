@@ -13,7 +13,8 @@ from peft_agnews.cli import main as peft_agnews
 from peft_agnews.data import read_labelled_file
 from peft_agnews.evaluate import cli, main
 from peft_agnews.metrics import confusion_matrix
-from peft_agnews.loading import ModelArgs, load_classifier, score_texts
+from peft_agnews.loading import ModelArgs, load_classifier
+from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 
 

@@ -10,7 +10,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from peft_agnews.metrics import classification_metrics, score_split
+from peft_agnews.metrics import classification_metrics
+from peft_agnews.scoring import score_split
 
 
 def test_metrics_match_hand_computation():
