@@ -12,13 +12,10 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from peft_agnews.config import TrainConfig
-from peft_agnews.artifacts import write_json
 from peft_agnews.files import atomic_write
 from peft_agnews.model import CUSTOM_HEADS
-from peft_agnews.figures import write_run_plots
 
 CARD_FILE = "README.md"
-VALIDATION_REPORT = "eval_validation.json"
 
 
 def _header(base_model: str, library: str, label_names: list[str]) -> str:
@@ -183,11 +180,8 @@ def write_card(folder: Path, text: str) -> None:
         handle.write(text)
 
 
-def write_run_report(out: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:
-    """End of training (main process, after the adapter is saved): the validation report, the plots, and the
-    adapter's model card."""
-    write_json(out / VALIDATION_REPORT, validation)
-    write_run_plots(out)
-    # The saved adapter's own config holds the rank it was trained with (cfg.lora_r may be 'auto').
-    rank = json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]
-    write_card(out / "adapter", adapter_card(cfg, results, validation, rank))
+def write_adapter_card(adapter_dir: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:
+    """The saved adapter's model card (README.md), with the rank it was trained with (cfg.lora_r may be 'auto':
+    the adapter's own config holds the rank chosen)."""
+    rank = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
+    write_card(adapter_dir, adapter_card(cfg, results, validation, rank))

@@ -55,7 +55,8 @@ from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
-from peft_agnews.model_card import write_run_report
+from peft_agnews.figures import write_run_plots
+from peft_agnews.model_card import write_adapter_card
 from peft_agnews.model import (
     CUSTOM_HEADS,
     apply_lora,
@@ -75,6 +76,7 @@ from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, track
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
+VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws every eval_<split>.json
 # How long a resuming run waits for the output folder's previous holder to exit (a requeued SLURM job can start
 # while the preempted one is still writing its stop checkpoint); a fresh run is refused at once.
 RESUME_LOCK_WAIT_SECONDS = 180
@@ -352,7 +354,9 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
     if accelerator.is_main_process:
         save_adapter(unwrapped, data.tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
                      classifier_head=cfg.classifier_head)
-        write_run_report(out, cfg, results, validation)
+        write_json(out / VALIDATION_REPORT, validation)
+        write_run_plots(out)
+        write_adapter_card(out / "adapter", cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
         write_json(out / "results.json", results)  # last: its presence marks a finished run
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
