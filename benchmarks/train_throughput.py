@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_rows", type=int, default=256)
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
-    p.add_argument("--dropout_generator", choices=["torch", "pcg64"], default="torch",
+    p.add_argument("--dropout_generator", choices=["torch", "pcg64"], default="pcg64",
                    help="our runners' --dropout_generator; the Trainer always draws torch's masks (same rates, same "
                         "Bernoulli distribution)")
     p.add_argument("--runners", default="ours,trainer",

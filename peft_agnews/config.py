@@ -88,8 +88,8 @@ class TrainConfig:
         "unset keeps the model's own. 0 (with --lora_dropout 0) made CPU steps 1.2-1.6x faster (BENCHMARKS.md).",
     )
     dropout_generator: Literal["torch", "pcg64"] = option(
-        "torch", "What draws the dropout masks (model, head, LoRA, attention probabilities): torch's CPU generator, "
-        "or pcg64 (one seed per mask from torch's generator, bits from numpy's PCG64; keep probability quantised "
+        "pcg64", "What draws the dropout masks (model, head, LoRA, attention probabilities): torch's CPU generator, "
+        "or pcg64 (the default: one seed per mask from torch's generator, bits from numpy's PCG64; keep probability quantised "
         "to 2^-16; CPU only, GPUs keep torch's): faster CPU steps, see BENCHMARKS.md.",
     )
     lora_bias: Literal["none", "all", "lora_only"] = option("lora_only", "Which biases to train.")

@@ -125,7 +125,7 @@ def test_training_forwards_repeat_under_the_same_seed_and_match_torch_without_dr
 
 def test_the_option_is_parsed_and_unknown_generators_are_refused():
     assert parse_config(["--dropout_generator", "pcg64"]).dropout_generator == "pcg64"
-    assert TrainConfig().dropout_generator == "torch"
+    assert TrainConfig().dropout_generator == "pcg64"
     with pytest.raises((UsageError, SystemExit)):
         parse_config(["--dropout_generator", "philox"])
 

@@ -6,7 +6,8 @@ a schedule off by one step, a different batch order or LoRA init); this one can.
 (`TrainConfig` defaults: LoRA r=8, alpha 16, dropout 0.2, lora_only bias on query+value, AdamW with weight decay
 0.01, clipping 1.0, linear schedule with 10% warmup, gradient checkpointing, seed 37) sized by
 `conftest.tiny_train_args` (micro-batch 16 x 2 accumulation, lr 5e-3, 12 steps) with the recipe's LoRA dropout,
-forced to fp32 on CPU.
+forced to fp32 on CPU, dropout masks from the default `--dropout_generator pcg64` (refreshed when it became the
+default: the masks' random stream changed, nothing else).
 
 Measured spread: 1 vs 2 threads and AVX-512 vs AVX2 kernels moved losses by at most 2e-7 relative, so the
 tolerance (1e-5 relative) is tight. When a change moves these numbers on purpose, say why in the commit and
@@ -26,14 +27,14 @@ from conftest import build_tiny_model, tiny_train_args
 
 PINNED = {
     "train_loss": [
-        1.38775634765625, 1.3849711418151855, 1.3671958446502686, 1.3096649646759033, 1.2680789232254028,
-        1.196986198425293, 1.1588501930236816, 1.0917584896087646, 1.0438003540039062, 1.0291591882705688,
-        1.0021984577178955, 0.9999662637710571,
+        1.3877549171447754, 1.3873486518859863, 1.37098228931427, 1.3114012479782104, 1.2666125297546387,
+        1.1891131401062012, 1.1628155708312988, 1.0859498977661133, 1.0631945133209229, 1.0466887950897217,
+        1.008324384689331, 1.0147022008895874,
     ],
-    "eval": [(6, 35 / 48, 1.1543326377868652), (12, 35 / 48, 0.9917070269584656)],  # (step, accuracy, loss)
-    "best_step": 6,  # steps 6 and 12 tie: the earlier one is kept
+    "eval": [(6, 35 / 48, 1.1585618257522583), (12, 34 / 48, 0.996834933757782)],  # (step, accuracy, loss)
+    "best_step": 6,
     "test_accuracy": 86 / 120,
-    "test_loss": 1.153362512588501,
+    "test_loss": 1.1576220989227295,
     "trainable_params": 3364,
 }
 RTOL = 1e-5
