@@ -40,6 +40,8 @@ def top(k: int, cache: bool = True, precision: str = "bf16", **more) -> dict:
 
 
 BASELINE = "proxy-minilm.yaml (baseline)"
+# MiniLM's layer 3, the lowest of proxy-fast's top 3: its attention's Linear modules (dotted suffixes).
+LAYER3_ATTENTION = [f"layer.3.attention.{name}" for name in ("self.query", "self.key", "self.value", "output.dense")]
 PICK_TOLERANCE = 0.5
 SCREEN = {
     BASELINE: PROXY,
@@ -75,6 +77,15 @@ SCREEN = {
     "top3 + cache, bf16, first-token last layer": top(3, first_token_last_layer="true"),
     "top3 + cache, bf16, eager, first-token last layer, max length 64": top(
         3, attn_implementation="eager", first_token_last_layer="true", max_length=64),
+    # Session 5: backward stops at the lowest LoRA module, so the lowest trained layer keeps LoRA on its feed-forward
+    # only (its attention then runs without autograd, like the prefix), or on its last Linear only.
+    "proxy-fast.yaml (session 4)": FAST,
+    "proxy-fast.yaml, layer 3: LoRA on the FFN only": {**FAST, "lora_exclude_modules": LAYER3_ATTENTION},
+    "proxy-fast.yaml, layer 3: LoRA on output.dense only": {
+        **FAST, "lora_exclude_modules": [*LAYER3_ATTENTION, "layer.3.intermediate.dense"]},
+    "proxy-fast.yaml, no LoRA on key, layer 3: LoRA on the FFN only": {
+        **FAST, "lora_target_modules": ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+        "lora_exclude_modules": LAYER3_ATTENTION},
 }
 FINAL = {BASELINE: PROXY, "proxy-fast.yaml": FAST}
 MODES = {"screen": SCREEN, "final": FINAL}

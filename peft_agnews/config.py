@@ -99,6 +99,11 @@ class TrainConfig:
         "Transformer layers that get LoRA: 'all', 'topK' (the K layers nearest the head, e.g. top2) or indices "
         "such as '4,5'. The embeddings and the layers below the lowest trained one then run without autograd.",
     )
+    lora_exclude_modules: list[str] = option(
+        [], "Modules matching --lora_target_modules that get no LoRA, named by a dotted suffix as PEFT's "
+        "exclude_modules matches them (e.g. layer.3.attention.self.query). With --lora_layers topK, LoRA on only the "
+        "feed-forward of the lowest trained layer lets backward stop there (recipes/proxy-fast.yaml).",
+    )
     lora_rank_pattern: list[str] = option(
         [], "Per-module ranks as MODULE=RANK (e.g. intermediate.dense=4); other targets use --lora_r."
     )
@@ -196,6 +201,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # W&B sweep agents pass lists as one `--name=a,b` argument.
         self.lora_target_modules = _split_commas(self.lora_target_modules)
+        self.lora_exclude_modules = _split_commas(self.lora_exclude_modules)
         self.wandb_tags = _split_commas(self.wandb_tags)
         self.text_column_names = _split_commas(self.text_column_names)
         self.output_dir = _expand_env(self.output_dir, "--output_dir")

@@ -1,7 +1,8 @@
 """The frozen prefix: with LoRA only on the top layers (--lora_layers), the embeddings and the layers below the
 lowest trained one hold no trainable parameter. They run under `torch.no_grad()`: no activations are kept for
 backward, and backward (gradient checkpointing's recompute included) stops at the first trained layer.
-With --cache_frozen_prefix, the prefix output of a training example is read from a PrefixCache once computed.
+With --cache_frozen_prefix, the prefix output of a training example is read from a PrefixCache once computed, in
+place of the embeddings' output (so the embeddings are skipped too).
 
 The split happens inside the encoder's own forward (masks, heads and PEFT untouched): its layer list is replaced
 by a FrozenPrefixLayers holding the same modules under the same names, whose iteration yields one step that runs
@@ -13,7 +14,7 @@ reads).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
         self.depth = depth
         self.cache: PrefixCache | None = None
         self.rows: torch.Tensor | None = None  # the rows of the batch in flight, set by a pre-hook on the model
+        self.from_cache = False  # the embeddings' stand-in returned the batch's cached prefix output
+        self.embeddings_dtype = torch.float32  # of the embeddings' output, which a cache read stands in for
 
     def __iter__(self) -> Iterator:
         if not self.depth:
@@ -45,11 +48,10 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
         return iter([self._run_prefix, *list(super().__iter__())[self.depth:]])
 
     def _run_prefix(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.from_cache:  # already the prefix output (embed_or_read_cache)
+            self.from_cache = False
+            return hidden_states
         rows, self.rows = self.rows, None
-        if self.cache is not None and rows is not None:
-            cached = self.cache.read(rows, hidden_states.shape[1])
-            if cached is not None:
-                return cached.to(device=hidden_states.device, dtype=hidden_states.dtype)
         with torch.no_grad():
             for layer in list(super().__iter__())[: self.depth]:
                 hidden_states = layer(hidden_states, *args, **kwargs)
@@ -57,6 +59,21 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
             # Every epoch, first included, sees the stored (autocast-dtype) values: the same inputs each time.
             hidden_states = self.cache.write(rows, hidden_states)
         return hidden_states
+
+
+    def embed_or_read_cache(self, embed: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """The embeddings' forward; when the cache holds every row of the batch, the cached prefix output instead.
+
+        Reading the cache here skips the embeddings too: nothing but the prefix reads their output, apart from
+        the attention-mask builder, which needs only its shape and dtype (the same). The prefix then passes it on.
+        """
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.cache is not None and self.rows is not None and input_ids is not None:
+            cached = self.cache.read(self.rows, input_ids.shape[1])
+            if cached is not None:
+                self.rows, self.from_cache = None, True
+                return cached.to(device=input_ids.device, dtype=self.embeddings_dtype)
+        return embed(*args, **kwargs)
 
 
 def _encoder_model(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -97,10 +114,14 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
     if depth == 0 or layers is None:
         return None
     prefix_layers = FrozenPrefixLayers(list(layers._modules.values()), depth)
-    _encoder_model(model).encoder.layer = prefix_layers
+    encoder_model = _encoder_model(model)
+    encoder_model.encoder.layer = prefix_layers
+    embeddings = encoder_model.embeddings
+    prefix_layers.embeddings_dtype = next(embeddings.parameters()).dtype
+    embeddings.forward = partial(prefix_layers.embed_or_read_cache, embeddings.forward)
 
     def take_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        prefix_layers.rows = kwargs.pop(ROWS_KEY, None)
+        prefix_layers.rows, prefix_layers.from_cache = kwargs.pop(ROWS_KEY, None), False
         return args, kwargs
 
     model.register_forward_pre_hook(take_rows, with_kwargs=True)

@@ -99,6 +99,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     """Wrap `base` with LoRA on `cfg.lora_target_modules`; the classifier head is trained and saved with it."""
     check_target_modules(base, cfg.lora_target_modules + list(rank_pattern_dict(cfg.lora_rank_pattern)))
+    check_target_modules(base, cfg.lora_exclude_modules, flag="--lora_exclude_modules")
     replace_head(base, cfg.classifier_head)
     if cfg.model_dropout is not None:
         set_dropout(base, cfg.model_dropout)
@@ -117,13 +118,13 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     return model
 
 
-def check_target_modules(base: torch.nn.Module, targets: list[str]) -> None:
+def check_target_modules(base: torch.nn.Module, targets: list[str], flag: str = "--lora_target_modules") -> None:
     """Every target must name Linear layers by their last name(s), as PEFT matches them (`query`, `output.dense`)."""
     linear = [name for name, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)]
     unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
     if unknown:
         raise UsageError(
-            f"--lora_target_modules {unknown} not found in {type(base).__name__}; its Linear modules are "
+            f"{flag} {unknown} not found in {type(base).__name__}; its Linear modules are "
             f"{linear_module_names(base)} (a dotted suffix such as 'attention.output.dense' also works)"
         )
 
@@ -164,6 +165,7 @@ def lora_config(cfg: TrainConfig, rank: int, num_layers: int) -> LoraConfig:
         lora_dropout=cfg.lora_dropout,
         bias=cfg.lora_bias,
         target_modules=list(cfg.lora_target_modules),
+        exclude_modules=list(cfg.lora_exclude_modules) or None,  # matched by dotted suffix, like the targets
         layers_to_transform=layers,  # PEFT finds the layer index after `layer.`/`layers.` in module names
         rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
         use_rslora=cfg.use_rslora,

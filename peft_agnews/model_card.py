@@ -72,6 +72,7 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: i
     rank_note = " (auto: the largest that fits the budget)" if cfg.lora_r == "auto" else ""
     if cfg.lora_rank_pattern:
         rank_note += f" (per module: {', '.join(cfg.lora_rank_pattern)})"
+    excluded = f" except {', '.join(f'`{m}`' for m in cfg.lora_exclude_modules)}" if cfg.lora_exclude_modules else ""
     return f"""{_header(cfg.model_name_or_path, "peft", names)}
 # LoRA text classifier on {cfg.model_name_or_path}
 
@@ -89,7 +90,7 @@ Per class on the validation split (the adapter saved is the one with the best va
 ## Training recipe
 
 - Base model: `{cfg.model_name_or_path}`; LoRA r={lora_rank}{rank_note}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout},
-  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}; {head} trained.
+  bias=`{cfg.lora_bias}`, on {", ".join(f"`{m}`" for m in cfg.lora_target_modules)}{excluded}; {head} trained.
 - Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).
 - AdamW, learning rate {cfg.learning_rate}, weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm};
   {cfg.lr_scheduler_type} schedule with {cfg.warmup_ratio:.0%} warmup.

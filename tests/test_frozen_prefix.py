@@ -20,7 +20,7 @@ from peft_agnews.errors import UsageError
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, first_token_last_layer, frozen_depth
 from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices
 from peft_agnews.objectives import classification_loss
-from peft_agnews.prefix_cache import KEY_FILE, PrefixCache
+from peft_agnews.prefix_cache import KEY_FILE, ROWS_KEY, PrefixCache
 from peft_agnews.train import cli
 
 BATCH = {
@@ -65,6 +65,32 @@ def test_lora_goes_only_on_the_chosen_layers_and_the_rest_is_a_frozen_prefix():
     assert model.peft_config["default"].layers_to_transform == [3]
     assert frozen_depth(model) == 3
     assert frozen_depth(four_layer_model(gradient_checkpointing=False)) == 0
+
+
+def test_excluded_modules_get_no_lora_so_backward_stops_inside_the_lowest_trained_layer():
+    model = four_layer_model(lora_layers="top2", lora_target_modules=["query", "value", "intermediate.dense"],
+                             lora_exclude_modules=["layer.2.attention.self.query,layer.2.attention.self.value"],
+                             gradient_checkpointing=False)
+    lora = {n.split("layer.")[1].split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert lora == {"2.intermediate.dense", "3.attention.self.query", "3.attention.self.value", "3.intermediate.dense"}
+    assert model.peft_config["default"].exclude_modules == {"layer.2.attention.self.query",
+                                                            "layer.2.attention.self.value"}
+    assert frozen_depth(model) == 2
+    enable_frozen_prefix(model)
+    layer = model.get_base_model().roberta.encoder.layer[2]
+    needs_grad = {}
+    for part in ("attention", "intermediate"):
+        getattr(layer, part).register_forward_hook(
+            lambda _, __, out, part=part: needs_grad.__setitem__(part, out[0].requires_grad if part == "attention"
+                                                                 else out.requires_grad))
+    classification_loss(model.train(), BATCH).backward()
+    # Layer 2's attention holds no LoRA: it runs outside autograd like the prefix, and backward ends in its FFN.
+    assert needs_grad == {"attention": False, "intermediate": True}
+
+
+def test_unknown_excluded_modules_are_refused():
+    with pytest.raises(UsageError, match=r"--lora_exclude_modules \['layer.9.attention.self.query'\] not found"):
+        four_layer_model(lora_exclude_modules=["layer.9.attention.self.query"])
 
 
 # --- the prefix mode -----------------------------------------------------------------------------------------
@@ -184,6 +210,28 @@ def test_cache_over_the_size_limit_is_refused_before_anything_is_written(tmp_pat
     with pytest.raises(UsageError, match=r"would take 0\.00 GB, over --frozen_prefix_cache_max_gb 1e-09"):
         PrefixCache.open(tmp_path / "c", {}, [100], 32, torch.float32, one_process([]), 1e-9)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cached_batch_skips_the_embeddings_and_the_prefix_and_gives_the_same_logits(tmp_path):
+    model = four_layer_model(lora_layers="top1", gradient_checkpointing=False).eval()
+    prefix = enable_frozen_prefix(model)
+    prefix.cache = PrefixCache.open(tmp_path, {}, [5, 4, 3, 5], 32, torch.float32, one_process([]), 1.0)
+    roberta = model.get_base_model().roberta
+    calls = {"embeddings": 0, "prefix": 0}
+    roberta.embeddings.word_embeddings.register_forward_pre_hook(
+        lambda *_: calls.__setitem__("embeddings", calls["embeddings"] + 1))
+    roberta.encoder.layer[0].register_forward_pre_hook(lambda *_: calls.__setitem__("prefix", calls["prefix"] + 1))
+    rows = {ROWS_KEY: torch.tensor([0, 1, 2])}
+    with torch.no_grad():
+        filling = model(**BATCH, **rows).logits
+        assert calls == {"embeddings": 1, "prefix": 1}
+        cached = model(**BATCH, **rows).logits  # every row filled: neither the embeddings nor the prefix run
+        assert calls == {"embeddings": 1, "prefix": 1}
+        plain = model(**BATCH).logits  # no rows (evaluation): computed
+        assert calls == {"embeddings": 2, "prefix": 2}
+        model(**BATCH, **{ROWS_KEY: torch.tensor([0, 1, 3])})  # row 3 not filled: computed, then stored
+        assert calls == {"embeddings": 3, "prefix": 3} and prefix.cache.filled_count() == 4
+    assert torch.equal(cached, filling) and torch.equal(plain, filling)
 
 
 # --- end to end (fp32, dropout off): the same adapter with and without prefix mode and cache -------------------
