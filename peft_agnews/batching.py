@@ -42,7 +42,7 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], global_batch: int, seed: int, group_by_length: bool = True) -> None:
-        self.lengths = lengths
+        self.lengths = list(lengths)  # a plain list: one lookup of a `datasets` column costs a table query
         self.window = global_batch * MEGABATCH_FACTOR
         self.seed = seed
         self.group_by_length = group_by_length

@@ -36,6 +36,19 @@ def test_sampler_is_a_seeded_permutation_that_changes_each_epoch():
     assert list(LengthGroupedSampler(lengths, global_batch=8, seed=4)) != first
 
 
+def test_sampler_reads_a_datasets_column_once(monkeypatch):
+    from datasets import Dataset
+    from datasets.arrow_dataset import Column
+
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    column = Dataset.from_dict({"length": lengths})["length"]
+    expected = list(LengthGroupedSampler(lengths, global_batch=8, seed=3))
+    sampler = LengthGroupedSampler(column, global_batch=8, seed=3)
+    # One lookup in a `datasets` column is a table query: the epoch's ordering must not make one per row.
+    monkeypatch.setattr(Column, "__getitem__", lambda *_: pytest.fail("a per-row lookup in a datasets column"))
+    assert list(sampler) == expected
+
+
 def test_grouping_by_length_cuts_padding():
     lengths = [(i * 7919) % 120 + 8 for i in range(4000)]
 

@@ -409,7 +409,11 @@ def test_a_damaged_head_json_is_one_clear_error(two_adapters, tmp_path, capsys):
 RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert", "fast.yaml": "roberta",
                "proxy-fast.yaml": "bert"}
 # The tiny models have 2 layers: the fast recipes' top-layer LoRA (top6 / top3) becomes the top one of them.
-RECIPE_SHRINK = {"fast.yaml": ["--lora_layers", "top1"], "proxy-fast.yaml": ["--lora_layers", "top1"]}
+# The fast recipes on the 2-layer tiny models: LoRA on the top layer, whose attention (like the real recipes' lowest
+# trained layer) gets none.
+TOP1_FEED_FORWARD_ONLY = ["--lora_layers", "top1", "--lora_exclude_modules",
+                          *[f"layer.1.attention.{name}" for name in ("self.query", "self.key", "self.value", "output.dense")]]
+RECIPE_SHRINK = {"fast.yaml": TOP1_FEED_FORWARD_ONLY, "proxy-fast.yaml": TOP1_FEED_FORWARD_ONLY}
 PLAIN_TEXTS = ["Striker scores late goal as coach praises season", "Shares of the bank fell after earnings report",
                "Minister meets rebels at border summit"]
 # Run in a fresh interpreter: only Transformers + PEFT, as a user without this package would load the adapter.
