@@ -24,6 +24,8 @@ from transformers import HfArgumentParser
 from peft_agnews.errors import UsageError, first_line
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# Heads that read only the first token's final hidden state ([CLS] / <s>): BERT's pooler, roberta's head, ours.
+FIRST_TOKEN_HEADS = ("model", "model_output", "first_token")
 
 # Options a resumed run may change: they move no weight. Every other option is recorded in each checkpoint and
 # must match on resume (the data files are checked by a fingerprint of their rows instead of their paths).
@@ -238,6 +240,8 @@ class TrainConfig:
              f"--lora_layers {self.lora_layers!r} is not 'all', 'topK' (e.g. top2) or layer indices (e.g. 4,5)"),
             (self.frozen_prefix_cache_max_gb > 0, "--frozen_prefix_cache_max_gb must be > 0"),
             (self.frozen_prefix or not self.cache_frozen_prefix, "--cache_frozen_prefix needs --frozen_prefix true"),
+            (not self.first_token_last_layer or self.classifier_head in FIRST_TOKEN_HEADS,
+             first_token_head_problem(self.classifier_head)),
             (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
@@ -282,6 +286,12 @@ class TrainConfig:
         return dataclasses.replace(
             self, per_device_train_batch_size=micro, gradient_accumulation_steps=per_process // micro
         )
+
+
+def first_token_head_problem(classifier_head: str) -> str:
+    """Why --first_token_last_layer cannot go with `classifier_head` (one that reads more than the first token)."""
+    return (f"--first_token_last_layer needs a head that reads only the first token "
+            f"(--classifier_head {' / '.join(FIRST_TOKEN_HEADS)}), not {classifier_head!r}")
 
 
 def training_option(name: str, help: str | None = None, **kwargs: Any) -> Any:

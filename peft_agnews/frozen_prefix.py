@@ -25,7 +25,7 @@ from peft import PeftModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from peft_agnews.config import TrainConfig
+from peft_agnews.config import FIRST_TOKEN_HEADS, TrainConfig, first_token_head_problem
 from peft_agnews.data import fingerprint_rows
 from peft_agnews.errors import UsageError
 from peft_agnews.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
@@ -128,10 +128,6 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
     return prefix_layers
 
 
-# Heads that read only the first token's final hidden state ([CLS] / <s>): BERT's pooler, roberta's head, ours.
-FIRST_TOKEN_HEADS = ("model", "model_output", "first_token")
-
-
 def first_token_last_layer(model: torch.nn.Module, classifier_head: str) -> None:
     """Compute the last encoder layer for the first token only (--first_token_last_layer).
 
@@ -141,8 +137,7 @@ def first_token_last_layer(model: torch.nn.Module, classifier_head: str) -> None
     forward is replaced on this instance.
     """
     if classifier_head not in FIRST_TOKEN_HEADS:
-        raise UsageError(f"--first_token_last_layer needs a head that reads only the first token "
-                         f"(--classifier_head {' / '.join(FIRST_TOKEN_HEADS)}), not {classifier_head!r}")
+        raise UsageError(first_token_head_problem(classifier_head))
     layers = encoder_layer_list(model)
     last = list(layers._modules.values())[-1] if layers is not None else None
     parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError
 from transformers import (
@@ -127,6 +128,13 @@ def check_target_modules(base: torch.nn.Module, targets: list[str], flag: str = 
             f"{flag} {unknown} not found in {type(base).__name__}; its Linear modules are "
             f"{linear_module_names(base)} (a dotted suffix such as 'attention.output.dense' also works)"
         )
+
+
+def targets_without_lora(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The targets that got no LoRA module: e.g. `pooler.dense` under --lora_layers topK (PEFT's
+    layers_to_transform keeps LoRA inside the layer stack), or targets whose every match is excluded."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in wrapped)]
 
 
 def wrap_with_lora(base: PreTrainedModel, cfg: TrainConfig, rank: int) -> PeftModel:

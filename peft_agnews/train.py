@@ -62,6 +62,7 @@ from peft_agnews.model import (
     apply_lora,
     trainable_breakdown,
     cast_frozen_linear_weights,
+    targets_without_lora,
     check_gradient_flow,
     custom_head_warning,
     count_parameters,
@@ -243,6 +244,10 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
 def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Path) -> Built:
     """Base + LoRA within the parameter budget, and the plan (printed)."""
     model = apply_lora(load_base_model(cfg), cfg)
+    unplaced = targets_without_lora(model, cfg.lora_target_modules)
+    if unplaced and accelerator.is_main_process:
+        print(f"warning: --lora_target_modules {unplaced} got no LoRA: outside --lora_layers {cfg.lora_layers} "
+              "(LoRA goes inside the encoder's layers only) or excluded by --lora_exclude_modules", file=sys.stderr)
     # With LoRA on the top layers only, the layers below run without autograd (and, opted in, from a cache).
     prefix = enable_frozen_prefix(model) if cfg.frozen_prefix else None
     if cfg.cache_frozen_prefix and prefix is None:

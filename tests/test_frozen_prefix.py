@@ -18,7 +18,7 @@ from conftest import REPO, accelerate_launch, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, first_token_last_layer, frozen_depth
-from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices
+from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices, targets_without_lora
 from peft_agnews.objectives import classification_loss
 from peft_agnews.prefix_cache import KEY_FILE, ROWS_KEY, PrefixCache
 from peft_agnews.train import cli
@@ -86,6 +86,13 @@ def test_excluded_modules_get_no_lora_so_backward_stops_inside_the_lowest_traine
     classification_loss(model.train(), BATCH).backward()
     # Layer 2's attention holds no LoRA: it runs outside autograd like the prefix, and backward ends in its FFN.
     assert needs_grad == {"attention": False, "intermediate": True}
+
+
+def test_targets_that_got_no_lora_are_found():
+    model = four_layer_model(lora_layers="top1", lora_target_modules=["query", "value", "intermediate.dense"],
+                             lora_exclude_modules=["layer.3.attention.self.value"])
+    assert targets_without_lora(model, ["query", "value", "intermediate.dense"]) == ["value"]
+    assert targets_without_lora(four_layer_model(lora_layers="top1"), ["query", "value"]) == []
 
 
 def test_unknown_excluded_modules_are_refused():
@@ -168,6 +175,9 @@ def test_last_layer_for_the_first_token_only_needs_a_head_that_reads_only_the_fi
     model = four_layer_model(lora_layers="top1", gradient_checkpointing=False, classifier_head="mean")
     with pytest.raises(UsageError, match="--first_token_last_layer needs a head that reads only the first token"):
         first_token_last_layer(model, "mean")
+    # Refused when the options are read, before any data or model is loaded.
+    with pytest.raises(UsageError, match="needs a head that reads only the first token .*, not 'mean'"):
+        parse_config(["--first_token_last_layer", "true", "--classifier_head", "mean"])
 
 
 # --- the cache -----------------------------------------------------------------------------------------------
@@ -313,9 +323,13 @@ def test_cache_needs_dropout_off_and_a_frozen_prefix(tiny_model_dir, synthetic_t
 
 def test_cache_limit_and_layers_reach_the_command_line(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
     args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "r", lora_layers="top1", model_dropout=0.0,
-                           cache_frozen_prefix="true", frozen_prefix_cache_max_gb=1e-6)
+                           cache_frozen_prefix="true", frozen_prefix_cache_max_gb=1e-6,
+                           lora_target_modules="query,value", lora_exclude_modules="layer.1.attention.self.value")
     assert cli(args) == 2
-    assert "over --frozen_prefix_cache_max_gb 1e-06" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "over --frozen_prefix_cache_max_gb 1e-06" in err
+    # The one layer with LoRA (top1 of 2) has its value excluded: the target placed nowhere is named.
+    assert "warning: --lora_target_modules ['value'] got no LoRA: outside --lora_layers top1" in err
     assert parse_config(["--lora_layers", "top3"]).lora_layers == "top3"
 
 
