@@ -60,7 +60,6 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
             hidden_states = self.cache.write(rows, hidden_states)
         return hidden_states
 
-
     def embed_or_read_cache(self, embed: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """The embeddings' forward; when the cache holds every row of the batch, the cached prefix output instead.
 
