@@ -122,7 +122,7 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
 def check_target_modules(base: torch.nn.Module, targets: list[str], flag: str = "--lora_target_modules") -> None:
     """Every target must name Linear layers by their last name(s), as PEFT matches them (`query`, `output.dense`)."""
     linear = [name for name, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)]
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    unknown = unmatched(targets, linear)
     if unknown:
         raise UsageError(
             f"{flag} {unknown} not found in {type(base).__name__}; its Linear modules are "
@@ -133,8 +133,13 @@ def check_target_modules(base: torch.nn.Module, targets: list[str], flag: str = 
 def targets_without_lora(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """The targets that got no LoRA module: e.g. `pooler.dense` under --lora_layers topK (PEFT's
     layers_to_transform keeps LoRA inside the layer stack), or targets whose every match is excluded."""
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in wrapped)]
+    return unmatched(targets, [name for name, module in model.named_modules() if isinstance(module, LoraLayer)])
+
+
+def unmatched(targets: list[str], module_names: list[str]) -> list[str]:
+    """The targets that name none of `module_names`, matched as PEFT matches a list: the whole name or a dotted
+    suffix (`query`, `output.dense`, `layer.3.attention.self.query`)."""
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
 
 
 def wrap_with_lora(base: PreTrainedModel, cfg: TrainConfig, rank: int) -> PeftModel:
