@@ -31,9 +31,16 @@ def save_adapter(
     PEFT keeps only the adapter and head entries of it."""
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
-        save_head_choice(tmp, classifier_head)
+        write_adapter_companions(tmp, tokenizer, label_names, classifier_head)
+
+
+def write_adapter_companions(folder: Path, tokenizer: PreTrainedTokenizerBase, label_names: list[str],
+                             classifier_head: str = "model") -> None:
+    """What an adapter folder holds besides PEFT's own files: the tokenizer, labels.json and (for a custom head)
+    head.json. Into an existing folder that the caller swaps in atomically (the adapter, a checkpoint)."""
+    tokenizer.save_pretrained(folder)
+    write_json(folder / LABELS_FILE, {"id2label": dict(enumerate(label_names))})
+    save_head_choice(folder, classifier_head)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,7 +1,7 @@
 """The training loop's state and guards: counters and best weights (`TrainState`), the position in an epoch
 (`epoch_batches`), stop signals (`StopSignal`, `stop_when_launcher_dies`) and the non-finite check (`step_health`).
 
-`TrainState` is what a checkpoint's trainer_state.json and best.safetensors hold (see checkpointing.py).
+`TrainState` is what a checkpoint's trainer_state.json and adapter (or best.safetensors) hold (see checkpointing.py).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_ste
     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
     return NonFiniteError(
         f"non-finite {what} at optimizer step {step}: training stopped before applying it; {where} "
-        f"(best adapter so far: step {best_step}, in its {BEST_FILE}); "
+        f"(best adapter so far: step {best_step}, kept by the checkpoints: step_{best_step} when saved at that "
+        f"step, else the last one's {BEST_FILE}); "
         "lower --learning_rate or check the data, then start again"
     )
 
@@ -125,7 +126,7 @@ class TrainState:
     skipped_steps: int = 0  # fp16 grad-scaler overflow steps
     early_stopped: bool = False
     tracker_run_id: str | None = None
-    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's names (checkpointing.adapter_weights)
     # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
     best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
     samples_seen: int = 0  # this session only, for throughput

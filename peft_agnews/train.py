@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,10 +37,10 @@ from peft_agnews.checkpointing import (
     OPTIONS_KEY,
     Checkpointer,
     CorruptCheckpointError,
-    load_trainable,
+    adapter_weights,
+    load_adapter_weights,
     read_state,
     resolve_checkpoint,
-    trainable_weights,
     with_older_hint,
 )
 from peft_agnews.config import TrainConfig, parse_config
@@ -50,7 +51,7 @@ from peft_agnews.hardware import resolve_mixed_precision
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
 from peft_agnews.scoring import predict_logits, score_split
-from peft_agnews.artifacts import save_adapter, write_json
+from peft_agnews.artifacts import save_adapter, write_adapter_companions, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
@@ -203,8 +204,11 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         describe_trainable(cfg, built, accelerator)
         return None
     optim = build_optimisation(cfg, data, built, accelerator, out)
+    # Each checkpoint is also a plain adapter: PEFT's files plus the tokenizer, labels.json and head.json.
+    companions = partial(write_adapter_companions, tokenizer=data.tokenizer, label_names=cfg.label_names,
+                         classifier_head=cfg.classifier_head)
     checkpointer = Checkpointer(accelerator, optim.model, out / "checkpoints", cfg.save_total_limit,
-                                run_shape(cfg, data, built), fresh=resume_from is None)
+                                run_shape(cfg, data, built), fresh=resume_from is None, companions=companions)
     with latest_hint(cfg, resume_from):
         state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
     logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_id, resumed=resume_from is not None)
@@ -322,7 +326,7 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
     model, plan = optim.model, built.plan
     # The deliverable is the best adapter, not the last one.
     unwrapped = accelerator.unwrap_model(model)
-    load_trainable(unwrapped, state.best_weights)
+    load_adapter_weights(unwrapped, state.best_weights)
     results = {
         "trainable_params": built.trainable_params,
         "total_params": built.total_params,
@@ -487,7 +491,7 @@ def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.M
     accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if metrics["accuracy"] > state.best_accuracy:
         state.best_accuracy, state.best_step = metrics["accuracy"], state.step
-        state.best_weights = trainable_weights(accelerator.unwrap_model(model))
+        state.best_weights = adapter_weights(accelerator.unwrap_model(model))
         state.best_predictions = (logits, labels)
         state.evals_without_improvement = 0
     else:
