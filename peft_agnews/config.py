@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
 from transformers import HfArgumentParser
 
 from peft_agnews.errors import UsageError, first_line
@@ -38,8 +39,13 @@ RESUMABLE_OPTIONS = (
     # no_grad and its cache, the last layer for the first token only (all exact), the dataset's test split.
     "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "first_token_last_layer",
     "evaluate_test_split",
-    "report_to", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
+    "report_to", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
+    # What happens to the adapter once trained: its card's license, the Hub upload.
+    "license", "push_to_hub", "hub_model_id", "hub_private_repo",
 )
+# --report_to values: the Trainer's, and (still accepted, with a note) the W&B modes earlier versions took.
+REPORT_TO = ("wandb", "tensorboard", "mlflow", "all", "none")
+LEGACY_REPORT_TO = ("online", "offline", "disabled")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -186,10 +192,13 @@ class TrainConfig:
     output_dir: str = option("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
     overwrite_output_dir: bool = option(False, "Allow writing into an output_dir that already holds a finished run.")
     # Tracking
-    report_to: Literal["wandb", "online", "offline", "disabled", "none"] = option(
-        "wandb",
-        "W&B mode. 'wandb': $WANDB_MODE if set, else online with an API key, offline without; "
-        "'online'/'offline' force that mode; 'disabled'/'none': no tracking.",
+    report_to: list[str] = option(
+        ["wandb"],
+        "Trackers, as the Trainer's --report_to: any of wandb, tensorboard, mlflow (space- or comma-separated), "
+        "'all' (those installed) or 'none'. TensorBoard and MLflow need the [trackers] extra (docs/tracking.md).",
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = option(
+        None, "W&B mode (default: $WANDB_MODE if set, else online with an API key, offline without)."
     )
     wandb_project: str | None = option(None, "W&B project (default: $WANDB_PROJECT, else peft-agnews).")
     wandb_entity: str | None = option(
@@ -197,7 +206,19 @@ class TrainConfig:
     )
     wandb_group: str | None = option(None, "W&B group: gathers related runs (a sweep, repeated seeds) in the UI.")
     wandb_tags: list[str] = option([], "W&B tags (space- or comma-separated).")
-    run_name: str | None = option(None, "W&B run name.")
+    run_name: str | None = option(None, "Run name in W&B and MLflow.")
+    # The Hub
+    license: str | None = option(
+        None, "License in the adapter's model card (default: the base model's, when its card names one)."
+    )
+    push_to_hub: bool = option(
+        False, "Upload the adapter (weights, card, tokenizer, labels) to --hub_model_id at the end (main process; "
+        "token from HF_TOKEN or `hf auth login`).",
+    )
+    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub, e.g. user/agnews-roberta-lora.")
+    hub_private_repo: bool | None = option(
+        None, "Create the --hub_model_id repository private (default: the Hub's default, public)."
+    )
     dry_run: bool = option(False, "Build data and model, print the plan, write nothing, exit.")
 
     def __post_init__(self) -> None:
@@ -205,6 +226,8 @@ class TrainConfig:
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         self.lora_exclude_modules = _split_commas(self.lora_exclude_modules)
         self.wandb_tags = _split_commas(self.wandb_tags)
+        report_to = [self.report_to] if isinstance(self.report_to, str) else self.report_to  # TrainConfig(report_to="none")
+        self.report_to = [value.lower() for value in _split_commas(report_to)]
         self.text_column_names = _split_commas(self.text_column_names)
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
         self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
@@ -248,6 +271,8 @@ class TrainConfig:
             (self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0 (0 turns it off)"),
             (len(self.text_column_names) >= 1, "--text_column_names needs at least one column"),
             (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),
+            *report_to_checks(self.report_to),
+            *hub_checks(self.push_to_hub, self.hub_model_id),
         ]
         problems = [message for ok, message in checks if not ok] + shared_option_problems(self)
         if problems:
@@ -286,6 +311,31 @@ class TrainConfig:
         return dataclasses.replace(
             self, per_device_train_batch_size=micro, gradient_accumulation_steps=per_process // micro
         )
+
+
+def report_to_checks(report_to: list[str]) -> list[tuple[bool, str]]:
+    """--report_to: known values, at least one, and 'none' alone."""
+    unknown = [v for v in report_to if v not in REPORT_TO + LEGACY_REPORT_TO]
+    return [
+        (not unknown, f"--report_to {' '.join(unknown)}: choose from {', '.join(REPORT_TO)}"),
+        (bool(report_to), "--report_to needs a value (none: no tracking)"),
+        ("none" not in report_to or len(report_to) == 1, "--report_to none cannot go with other trackers"),
+    ]
+
+
+def hub_checks(push_to_hub: bool, hub_model_id: str | None) -> list[tuple[bool, str]]:
+    """--push_to_hub needs a repository and the network: refused before training, not after it."""
+    return [
+        (not push_to_hub or bool(hub_model_id), "--push_to_hub needs --hub_model_id (the Hub repository to create or update)"),
+        (not push_to_hub or not hub_offline(),
+         "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub"),
+    ]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it, read when asked, not at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ENV_VARS_TRUE_VALUES
 
 
 def first_token_head_problem(classifier_head: str) -> str:

@@ -21,6 +21,7 @@ from peft_agnews.cli import parse_args
 from peft_agnews.errors import UsageError, run_command
 from peft_agnews.artifacts import save_adapter
 from peft_agnews.config import option
+from peft_agnews.hub import push
 from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
 from peft_agnews.model import read_head_choice
 from peft_agnews.model_card import CARD_FILE, merged_card, write_card
@@ -68,18 +69,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             shutil.copyfile(adapter_dir / CARD_FILE, out / CARD_FILE)
     print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")
     if args.push_to_hub:
-        push(out, args.hub_model_id)
+        push(out, args.hub_model_id, commit_message="Upload from peft-agnews export")
     return out
-
-
-def push(folder: Path, repo_id: str) -> None:
-    """Create (or reuse) the Hub repository and upload the folder as one commit."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from peft-agnews export")
-    print(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -125,7 +125,8 @@ class TrainState:
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 grad-scaler overflow steps
     early_stopped: bool = False
-    tracker_run_id: str | None = None
+    tracker_run_id: str | None = None  # W&B's
+    mlflow_run_id: str | None = None
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's names (checkpointing.adapter_weights)
     # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
     best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None

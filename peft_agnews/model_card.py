@@ -1,7 +1,9 @@
 """Model cards (README.md) for a trained adapter and a merged export, and the end-of-training report.
 
 The card says what the model is (base, classes), how it was made (recipe, trainable parameters, data), how well it
-does and on which split, what it is for, and how to load it. The YAML header is the Hub's model-card metadata.
+does and on which split, what it is for, and how to load it. The YAML header is the Hub's model-card metadata
+(huggingface_hub's `ModelCardData`): the base model's Hub id (never a local path), the dataset, the license, the
+tags PEFT's own card gives an adapter, and `model-index` with the validation and test results.
 """
 
 from __future__ import annotations
@@ -9,24 +11,61 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.files import atomic_write
+from peft_agnews.hub import base_license, hub_id
 from peft_agnews.model import CUSTOM_HEADS
 
 CARD_FILE = "README.md"
+TAGS = ["text-classification", "lora", "peft-agnews"]
+# PEFT tags an adapter `base_model:adapter:<base>`; a local base folder must not appear there either.
+ADAPTER_TAG = "base_model:adapter:"
 
 
-def _header(base_model: str, library: str, label_names: list[str]) -> str:
-    data = ModelCardData(
-        base_model=base_model,
-        library_name=library,
-        pipeline_tag="text-classification",
-        tags=["text-classification", "lora", "peft-agnews"],
-        metrics=["accuracy", "f1"],
-    )
+def _header(data: ModelCardData) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
+
+
+def merged_card_data(base_model: str) -> ModelCardData:
+    """A merged model's metadata: a Transformers text classifier on the base (named only by a Hub id)."""
+    return ModelCardData(base_model=hub_id(base_model), library_name="transformers", pipeline_tag="text-classification",
+                         tags=TAGS, metrics=["accuracy", "f1"])
+
+
+def _data_source(cfg: TrainConfig, file: str | None) -> tuple[str, str | None]:
+    """(dataset id or file name for model-index, the Hub dataset id or None) of the data a split came from."""
+    if file:
+        return Path(file).name, None
+    hub = cfg.dataset_name if cfg.dataset_name and not Path(cfg.dataset_name).expanduser().exists() else None
+    return (hub or Path(str(cfg.dataset_name)).name), hub
+
+
+def adapter_card_data(cfg: TrainConfig, results: dict, validation: dict, peft_tags: list[str] = (),
+                      license: str | None = None) -> ModelCardData:
+    """The adapter card's metadata: PEFT's tags (from the card its save_pretrained wrote) merged with ours,
+    `base_model` the Hub id, the Hub dataset trained on, `license`, and model-index with every split's results."""
+    base = hub_id(cfg.model_name_or_path)
+    tags = [t for t in peft_tags if not t.startswith(ADAPTER_TAG)] + ([ADAPTER_TAG + base] if base else []) + TAGS
+    train_name, train_hub = _data_source(cfg, cfg.train_file)
+    splits = [("validation", *_data_source(cfg, cfg.validation_file or cfg.train_file),
+               {k: validation[k] for k in ("accuracy", "f1_macro", "loss")})]
+    if "test_accuracy" in results:
+        splits.append(("test", *_data_source(cfg, cfg.test_file), {k: results[f"test_{k}"] for k in ("accuracy", "f1_macro", "loss")}))
+    metrics = {"accuracy": ("accuracy", "Accuracy"), "f1_macro": ("f1", "Macro F1"), "loss": ("loss", "Cross-entropy loss")}
+    eval_results = [
+        EvalResult(task_type="text-classification", task_name="Text Classification", dataset_type=name,
+                   dataset_name=name, dataset_config=cfg.dataset_config_name if hub else None, dataset_split=split,
+                   metric_type=metrics[key][0], metric_name=f"{split.capitalize()} {metrics[key][1].lower()}",
+                   metric_value=round(float(value), 6), **({"metric_config": "macro"} if key == "f1_macro" else {}))
+        for split, name, hub, values in splits for key, value in values.items()
+    ]
+    return ModelCardData(
+        base_model=base, library_name="peft", pipeline_tag="text-classification", license=license,
+        datasets=[train_hub] if train_hub else None, tags=list(dict.fromkeys(tags)), metrics=["accuracy", "f1"],
+        model_name=cfg.hub_model_id or Path(cfg.output_dir).name, eval_results=eval_results,
+    )
 
 
 def _metrics_table(rows: list[tuple[str, dict]]) -> str:
@@ -53,9 +92,11 @@ def _intended_use(label_names: list[str], max_length: int) -> str:
     )
 
 
-def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: int) -> str:
+def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: int,
+                 metadata: ModelCardData | None = None) -> str:
     """The README.md written into <output_dir>/adapter at the end of training. `lora_rank` is the rank the run
-    used (the one chosen when `--lora_r auto`)."""
+    used (the one chosen when `--lora_r auto`); `metadata` the header (default: `adapter_card_data`'s without PEFT's
+    tags or a license)."""
     names = cfg.resolved_label_names()
     trainable, total = results["trainable_params"], results["total_params"]
     data = f"`{cfg.train_file}`" if cfg.train_file else f"the Hub dataset `{cfg.dataset_name}` (train split)"
@@ -73,7 +114,8 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: i
     if cfg.lora_rank_pattern:
         rank_note += f" (per module: {', '.join(cfg.lora_rank_pattern)})"
     excluded = f" except {', '.join(f'`{m}`' for m in cfg.lora_exclude_modules)}" if cfg.lora_exclude_modules else ""
-    return f"""{_header(cfg.model_name_or_path, "peft", names)}
+    header = _header(metadata or adapter_card_data(cfg, results, validation, license=cfg.license))
+    return f"""{header}
 # LoRA text classifier on {cfg.model_name_or_path}
 
 A LoRA adapter (with its classification head) for `{cfg.model_name_or_path}` that sorts text into
@@ -156,7 +198,7 @@ def merged_card(base_model: str, adapter_dir: Path, label_names: list[str], max_
     """The README.md of a merged export (LoRA folded into the base weights)."""
     source = adapter_dir / CARD_FILE
     origin = f"Training details and scores: see the adapter's card (`{source}`)." if source.is_file() else ""
-    return f"""{_header(base_model, "transformers", label_names)}
+    return f"""{_header(merged_card_data(base_model))}
 # Merged LoRA text classifier on {base_model}
 
 `{base_model}` with the LoRA adapter `{adapter_dir}` merged into its weights (`merge_and_unload`): a plain
@@ -182,7 +224,12 @@ def write_card(folder: Path, text: str) -> None:
 
 
 def write_adapter_card(adapter_dir: Path, cfg: TrainConfig, results: dict, validation: dict) -> None:
-    """The saved adapter's model card (README.md), with the rank it was trained with (cfg.lora_r may be 'auto':
-    the adapter's own config holds the rank chosen)."""
+    """The saved adapter's model card (README.md), replacing the one PEFT's save_pretrained wrote but keeping its
+    tags, with the rank it was trained with (cfg.lora_r may be 'auto': the adapter's own config holds the rank
+    chosen) and the license (--license, else the base model's)."""
     rank = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
-    write_card(adapter_dir, adapter_card(cfg, results, validation, rank))
+    card = adapter_dir / CARD_FILE
+    peft_tags = (ModelCard.load(card).data.tags or []) if card.is_file() else []
+    license = cfg.license or base_license(cfg.model_name_or_path)
+    data = adapter_card_data(cfg, results, validation, peft_tags, license)
+    write_card(adapter_dir, adapter_card(cfg, results, validation, rank, data))

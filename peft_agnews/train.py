@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from datasets import DatasetDict
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -45,9 +45,10 @@ from peft_agnews.checkpointing import (
 )
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
-from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
+from peft_agnews.errors import TrainingInterrupted, UsageError, first_line, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
+from peft_agnews.hub import push
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
 from peft_agnews.scoring import predict_logits, score_split
@@ -74,7 +75,8 @@ from peft_agnews.model import (
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, make_scheduler
 from peft_agnews.prefix_cache import CACHE_DIR
-from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
+from peft_agnews.trackers import report_to_notes, resolve_trackers, tensorboard_dir
+from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
@@ -85,12 +87,14 @@ RESUME_LOCK_WAIT_SECONDS = 180
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:
-    """The training Accelerator's precision, accumulation and tracker (see `runtime.accelerator_session`)."""
+    """The training Accelerator's precision, accumulation and trackers (see `runtime.accelerator_session`)."""
     on_cpu = distributed_on_cpu() or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
     return dict(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=tracker_name(cfg),
+        log_with=resolve_trackers(cfg) or None,
+        # TensorBoard writes under logging_dir (trackers.tensorboard_dir); nothing else reads these folders.
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(tensorboard_dir(Path(cfg.output_dir)))),
         # We step the scheduler once per real optimizer step ourselves: its length is counted in optimizer steps,
         # not multiplied by the process count as Accelerate's default stepping assumes.
         step_scheduler_with_optimizer=False,
@@ -196,7 +200,7 @@ class Optimisation:
 
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     wall_start = time.perf_counter()
-    out, resume_from, tracker_run_id = start_run(cfg, accelerator)
+    out, resume_from, tracker_run_ids = start_run(cfg, accelerator)
     data = build_data(cfg, accelerator)
     cfg = data.cfg
     built = build_model(cfg, data, accelerator, out)
@@ -211,7 +215,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
                                 run_shape(cfg, data, built), fresh=resume_from is None, companions=companions)
     with latest_hint(cfg, resume_from):
         state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
-    logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_id, resumed=resume_from is not None)
+    logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_ids, resumed=resume_from is not None)
     started = time.perf_counter()
     with StopSignal() as stop:
         fit(cfg, built.plan, accelerator, optim, logger, checkpointer, state, stop)
@@ -219,18 +223,20 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
                   runtime=time.perf_counter() - started, wall_start=wall_start)
 
 
-def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, str | None]:
+def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, dict[str, str]]:
     """Seed, check the output folder, and find the checkpoint to resume from: (output folder, checkpoint or None,
-    the tracker run id it recorded)."""
-    if cfg.classifier_head in CUSTOM_HEADS and accelerator.is_main_process:
-        print(custom_head_warning(cfg.classifier_head), file=sys.stderr)
+    the tracker run ids it recorded)."""
+    if accelerator.is_main_process:
+        for note in report_to_notes(cfg) + ([custom_head_warning(cfg.classifier_head)] if cfg.classifier_head in CUSTOM_HEADS else []):
+            print(note, file=sys.stderr)
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
     resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints", cfg.overwrite_output_dir, accelerator.print)
     # Read the checkpoint's JSON state now: a corrupt one fails before minutes of data and model loading.
     with latest_hint(cfg, resume_from):
-        tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
-    return out, resume_from, tracker_run_id
+        counters = read_state(resume_from)["counters"] if resume_from else {}
+    run_ids = {"wandb": counters.get("tracker_run_id"), "mlflow": counters.get("mlflow_run_id")}
+    return out, resume_from, {name: run_id for name, run_id in run_ids.items() if run_id}
 
 
 def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
@@ -306,16 +312,17 @@ def run_shape(cfg: TrainConfig, data: Data, built: Built) -> dict:
 
 
 def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path, state: TrainState,
-                  tracker_run_id: str | None, resumed: bool) -> RunLogger:
-    """metrics.jsonl and the tracker run (the checkpoint's run continued when resuming)."""
+                  tracker_run_ids: dict[str, str], resumed: bool) -> RunLogger:
+    """metrics.jsonl and the tracker runs (the checkpoint's runs continued when resuming)."""
     logger = RunLogger(accelerator, out)
     data_sizes = {f"{name}_examples": len(split) for name, split in data.splits.items()}
     params = {"trainable_params": built.trainable_params, "total_params": built.total_params}
     logger.start(
         cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(built.plan)),
-        resume_run_id=tracker_run_id, resume_step=state.step if resumed else None,
+        resume_run_ids=tracker_run_ids, resume_step=state.step if resumed else None,
     )
-    state.tracker_run_id = logger.run_id or tracker_run_id
+    run_ids = {**tracker_run_ids, **logger.run_ids}
+    state.tracker_run_id, state.mlflow_run_id = run_ids.get("wandb"), run_ids.get("mlflow")
     return logger
 
 
@@ -366,11 +373,26 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         write_json(out / VALIDATION_REPORT, validation)
         write_run_plots(out)
         write_adapter_card(out / "adapter", cfg, results, validation)
-        logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
+        logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()}, step=state.step)
         write_json(out / "results.json", results)  # last: its presence marks a finished run
+        if cfg.push_to_hub:
+            push_adapter(cfg, out / "adapter")
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
+
+
+def push_adapter(cfg: TrainConfig, adapter_dir: Path) -> None:
+    """--push_to_hub: the finished adapter folder (weights, card, tokenizer, labels) as one commit, as the Trainer's
+    push at the end of training. A failure leaves the finished run in place and says how to push it later."""
+    try:
+        push(adapter_dir, cfg.hub_model_id, private=cfg.hub_private_repo, commit_message="End of training")
+    except Exception as err:  # network, authentication, permissions: huggingface_hub raises many types
+        raise UsageError(
+            f"training finished ({adapter_dir}) but the push to {cfg.hub_model_id} failed: {first_line(err)}; push it "
+            f"later with peft-agnews export --adapter_dir {adapter_dir} --output_dir <folder> --push_to_hub "
+            f"--hub_model_id {cfg.hub_model_id}"
+        ) from None
 
 
 @contextmanager
@@ -453,7 +475,9 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
                     run_evaluation(cfg, accelerator, model, optim.val_loader, logger, state)
                 if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop_requested:
-                    checkpointer.save(state.step, state.counters(), state.best_weights)
+                    saved = checkpointer.save(state.step, state.counters(), state.best_weights)
+                    if accelerator.is_main_process:
+                        logger.log_checkpoint(saved, state.step, state.step / plan.steps_per_epoch)
             if stop_requested:
                 raise TrainingInterrupted(
                     f"stopped by {stop.received or 'a signal on another process'} at step {state.step}; "

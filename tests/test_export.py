@@ -83,7 +83,7 @@ def test_training_writes_a_model_card(trained_adapter_run):
     header = yaml.safe_load(card.split("---")[1])
     results = json.loads((trained_adapter_run / "results.json").read_text())
     validation = json.loads((trained_adapter_run / "eval_validation.json").read_text())
-    assert header["library_name"] == "peft" and header["base_model"].endswith("tiny-roberta0")
+    assert header["library_name"] == "peft" and "base_model" not in header  # a local base is not a Hub id
     assert f"Trainable parameters: 3,364 of {results['total_params']:,}" in card  # LoRA r=8 on the tiny model
     assert "LoRA r=8, alpha=16" in card and "`query`" in card and "`value`" in card
     assert f"validation (best step {results['best_step']} of 8)" in card
