@@ -10,6 +10,7 @@ The files in `<output_dir>` hold everything the W&B run shows, so nothing depend
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -131,11 +132,14 @@ class RunLogger:
         self.run_name = cfg.run_name
         if not self.trackers:
             return
+        kwargs = tracker_init_kwargs(cfg, self.output_dir, resume_run_ids or {}, resume_step)
         if "mlflow" in self.trackers and self.accelerator.is_main_process:
             import mlflow
 
+            chosen = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(mlflow_store(self.output_dir)[0])
-        kwargs = tracker_init_kwargs(cfg, self.output_dir, resume_run_ids or {}, resume_step)
+            if chosen is None:  # set_tracking_uri exports it too: a later run in this process picks its own store
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
         self.accelerator.init_trackers(project_name(cfg), init_kwargs=kwargs)
         if not self.accelerator.is_main_process:
             return

@@ -34,7 +34,7 @@ REFERENCE_RECIPE = {
     "gradient_checkpointing": True,
     "validation_split": 0.1,
     "group_by_length": True,
-    "report_to": "wandb",
+    "report_to": ["wandb"],
 }
 
 

@@ -69,8 +69,10 @@ def test_wandb_log_model_checkpoint_uploads_each_checkpoint_then_the_adapter(tin
     run_id = read_offline_run(run_dir)["run"].run_id
     artifacts = model_artifacts(run_dir)
     assert [a.name for a in artifacts] == [f"model-{run_id}"] * 3  # the Trainer's name and type
-    assert [sorted(a.aliases) for a in artifacts] == [
-        ["checkpoint_global_step_6", "epoch_0.44"], ["checkpoint_global_step_12", "epoch_0.89"], ["best", "final_model"]]
+    # 14 optimizer steps per epoch (432 rows, batch 16, accumulation 2); W&B adds `latest` to the newest version.
+    assert [sorted(a.aliases) for a in artifacts] == [["checkpoint_global_step_6", "epoch_0.43", "latest"],
+                                                      ["checkpoint_global_step_12", "epoch_0.86", "latest"],
+                                                      ["best", "final_model", "latest"]]
     files = {entry.path for entry in artifacts[0].manifest.contents}
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "trainer_state.json"} <= files
 
@@ -82,10 +84,14 @@ def test_mlflow_tracking_uri_is_honoured(tiny_model_dir, synthetic_train_csv, tm
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-experiment")
+    monkeypatch.chdir(tmp_path)  # with a user's store, artifacts go where MLflow puts them: ./mlruns
     out = tmp_path / "out"
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, report_to="mlflow", max_train_steps=2,
                                eval_steps=2)) == 0
     assert not (out / "mlflow.db").exists()
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri, "the user's choice stays"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("my-experiment").experiment_id])
     assert run.data.metrics["eval/accuracy"] == json.loads((out / "results.json").read_text())["best_eval_accuracy"]

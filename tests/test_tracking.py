@@ -229,7 +229,8 @@ def test_adapter_artifact_is_logged_and_loads_with_peft(tracked_run, tiny_model_
     (artifact,) = [a for a in tracked_run["wandb"]["artifacts"] if a.type == "model"]
     run_id = tracked_run["wandb"]["run"].run_id
     # The Trainer's name: model-<run name> with a run name (--run_name tiny-tracked), else model-<run id>.
-    assert run_id and artifact.name == "model-tiny-tracked" and sorted(artifact.aliases) == ["best", "final_model"]
+    assert run_id and artifact.name == "model-tiny-tracked"
+    assert sorted(artifact.aliases) == ["best", "final_model", "latest"]  # W&B adds latest
     metadata = json.loads(artifact.metadata)
     results = json.loads((tracked_run["out"] / "results.json").read_text())
     assert metadata["best_eval_accuracy"] == results["best_eval_accuracy"]
@@ -521,6 +522,7 @@ def test_mlflow_store_in_the_run_folder_holds_the_metrics_config_and_the_adapter
     out = tracked_run["out"]
     client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "peft-agnews"]
+    assert experiment.artifact_location == (out.resolve() / "mlartifacts").as_uri()
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tiny-tracked" and run.info.status == "FINISHED"
     params = run.data.params
