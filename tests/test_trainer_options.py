@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import accelerate_launch, tiny_train_args
+from conftest import LABELS, accelerate_launch, tiny_train_args
 from peft_agnews.config import RESUMABLE_OPTIONS, build_parser, mask_secret_arguments, parse_config
 from peft_agnews.console import progress_bar
 from peft_agnews.errors import UsageError
@@ -136,6 +136,31 @@ def test_the_optimizer_takes_betas_epsilon_and_the_fused_kernel():
         check_fused_adamw(torch.device("meta"))
 
 
+def test_split_names_choose_the_splits_of_a_dataset(tmp_path):
+    from datasets import Dataset
+
+    from peft_agnews.data import load_splits_and_validation_source
+
+    sizes = {"fit": 40, "dev": 12, "final": 8}
+    for name, rows in sizes.items():
+        Dataset.from_dict({"text": [f"text {i}" for i in range(rows)], "label": [i % 4 for i in range(rows)]}).to_parquet(
+            str(tmp_path / f"{name}.parquet"))
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(
+        f"  - split: {name}\n    path: {name}.parquet\n" for name in sizes) + "---\n")
+    names = ["--dataset_name", str(tmp_path), "--train_split_name", "fit"]
+    splits, source = load_splits_and_validation_source(parse_config(
+        [*names, "--validation_split_name", "dev", "--test_split_name", "final"]))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 40, "validation": 12, "test": 8}
+    assert source == f"the `dev` split of `{tmp_path}`"
+    # Default names that the dataset lacks: a held-out split of train and no test split, as before.
+    splits, source = load_splits_and_validation_source(parse_config(names))
+    assert set(splits) == {"train", "validation"} and source.startswith("a stratified 10% split")
+    with pytest.raises(UsageError, match=r"has no 'valid' split \(it has \['fit', 'dev', 'final'\]\); check --validation_split_name"):
+        load_splits_and_validation_source(parse_config([*names, "--validation_split_name", "valid"]))
+    with pytest.raises(UsageError, match="has no 'train' split .*name the training split with --train_split_name"):
+        load_splits_and_validation_source(parse_config(["--dataset_name", str(tmp_path)]))
+
+
 def test_progress_bars_honour_tqdm_disable_and_show_on_the_main_process_only(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert not progress_bar(True, total=3).disable and progress_bar(False, total=3).disable
@@ -199,12 +224,15 @@ def test_epoch_strategies_evaluate_and_save_at_epoch_ends(tiny_model_dir, synthe
 
 
 @pytest.mark.slow
-def test_no_evaluation_keeps_the_final_weights_and_warmup_steps_shape_the_schedule(
+def test_no_evaluation_warmup_steps_fused_adamw_cache_dir_and_revision(
     tiny_model_dir, synthetic_train_csv, tmp_path
 ):
+    from peft_agnews.loading import ModelArgs, load_classifier
+
     out, cache = tmp_path / "run", tmp_path / "hf-cache"
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, eval_strategy="no", warmup_steps=4,
-                               logging_steps=1, optim="adamw_torch_fused", adam_beta2=0.99, cache_dir=cache)) == 0
+                               logging_steps=1, optim="adamw_torch_fused", adam_beta2=0.99, cache_dir=cache,
+                               model_revision="v1.0")) == 0
     log = events(out)
     assert [e["step"] for e in log if "eval/accuracy" in e] == [12]
     assert json.loads((out / "results.json").read_text())["best_step"] == 12
@@ -214,6 +242,9 @@ def test_no_evaluation_keeps_the_final_weights_and_warmup_steps_shape_the_schedu
     assert any(cache.rglob("*.arrow"))  # --cache_dir: the datasets cache of the training file went there
     card = (out / "adapter" / "README.md").read_text()
     assert "linear schedule with 4 steps of warmup; AdamW betas (0.9, 0.99), fused kernel." in card
+    # --model_revision: the adapter names the base's revision (AutoPeftModel loads it; a local folder has none).
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["revision"] == "v1.0"
+    assert load_classifier(ModelArgs(adapter_dir=str(out / "adapter"))).label_names == LABELS
 
 
 @pytest.mark.slow
