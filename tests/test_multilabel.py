@@ -115,12 +115,13 @@ def ml_data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ml_run(tiny_model_dir, ml_data, tmp_path_factory) -> Path:
-    """`accelerate launch peft_agnews/train.py --problem_type multi_label_classification ...` on one CPU process:
-    JSON Lines training rows (lists of names), a CSV test file of names joined by '|'."""
+    """`accelerate launch --config_file cpu_ddp.yaml peft_agnews/train.py --problem_type multi_label_classification
+    ...`: two CPU processes (multi-hot labels gathered from both), JSON Lines training rows (lists of names), a CSV
+    test file of names joined by '|'."""
     out = tmp_path_factory.mktemp("multi-label-run")
     args = tiny_train_args(tiny_model_dir, ml_data["train"], out, test_file=ml_data["test"], problem_type=ML,
                            label_separator="|", max_train_steps=48, eval_steps=16, learning_rate=2e-2)
-    proc = accelerate_launch("cpu.yaml", args)
+    proc = accelerate_launch("cpu_ddp.yaml", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -134,6 +135,7 @@ def all_classes_f1(rows: list[tuple[list[int], str]]) -> float:
 @pytest.mark.slow
 def test_accelerate_launch_trains_a_multi_label_adapter(ml_run):
     results = json.loads((ml_run / "results.json").read_text())
+    assert results["num_processes"] == 2
     events = [json.loads(line) for line in (ml_run / "metrics.jsonl").read_text().splitlines()]
     evals = [(e["step"], e["eval/f1_micro"]) for e in events if "eval/f1_micro" in e]
     assert [step for step, _ in evals] == [16, 32, 48]
@@ -147,6 +149,7 @@ def test_accelerate_launch_trains_a_multi_label_adapter(ml_run):
     assert labels == {"id2label": dict(zip("0123", LABELS)), "problem_type": ML, "multi_label_threshold": 0.5}
     report = json.loads((ml_run / "eval_validation.json").read_text())
     assert report["f1_micro"] == pytest.approx(best) and "confusion_matrix" not in report
+    assert report["num_examples"] == 48  # every validation row once, from both processes
     assert sum(c["support"] for c in report["per_class"].values()) > report["num_examples"]  # sets of classes
     wrong = [json.loads(line) for line in (ml_run / "misclassified.jsonl").read_text().splitlines()]
     assert wrong and all(row["true"] != row["predicted"] and 0 < row["largest_error"] <= 1 for row in wrong)
