@@ -54,6 +54,7 @@ def label_id(value: object, by_name: dict[str, int], num_labels: int) -> int | N
 
 
 def check_texts(texts: list, indices: list[int], path: Path) -> None:
+    """A UsageError naming the first row (by its index in the file) whose text is set but not a string."""
     for row, text in zip(indices, texts):
         if text is not None and not isinstance(text, str):
             raise UsageError(f"{path}: {non_string_text(row, text)}; every text must be a string")
