@@ -138,7 +138,8 @@ def read_state(path: Path) -> dict[str, Any]:
             raise ValueError("not a checkpoint state object")
         if not isinstance(state.get("run_shape"), dict) or not isinstance(state["run_shape"].get(OPTIONS_KEY, {}), dict):
             raise ValueError("run_shape is not an object of shape values and options")
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None))}
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+                 "float | None": (int, float, type(None))}
         for f in fields(TrainState):
             value = state["counters"].get(f.name)
             if f.type in kinds and f.name in state["counters"] and (

@@ -25,6 +25,13 @@ from transformers import HfArgumentParser
 from peft_agnews.errors import UsageError, first_line
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# transformers' config.problem_type values for classification (run_classification.py sets them the same way).
+SINGLE_LABEL, MULTI_LABEL = "single_label_classification", "multi_label_classification"
+# What --metric_for_best_model can name (with or without the Trainer's `eval_` prefix), per problem type.
+BEST_MODEL_METRICS = {SINGLE_LABEL: ("accuracy", "f1_macro", "loss"),
+                      MULTI_LABEL: ("f1_micro", "f1_macro", "accuracy", "loss")}
+# transformers' TrainingArguments log levels; 'passive' leaves the libraries' verbosity as it is.
+LogLevel = Literal["debug", "info", "warning", "error", "critical", "passive"]
 # Heads that read only the first token's final hidden state ([CLS] / <s>): BERT's pooler, roberta's head, ours.
 FIRST_TOKEN_HEADS = ("model", "model_output", "first_token")
 
@@ -42,18 +49,50 @@ RESUMABLE_OPTIONS = (
     "report_to", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
     # What happens to the adapter once trained: its card's license, the Hub upload.
     "license", "push_to_hub", "hub_model_id", "hub_private_repo",
+    # When to evaluate and checkpoint (like eval_steps/save_steps), where the data comes from (rows are
+    # fingerprinted), how it is loaded, how much is logged, and the Hub credentials and cache.
+    "eval_strategy", "save_strategy", "train_split_name", "validation_split_name", "test_split_name",
+    "dataloader_num_workers", "dataloader_pin_memory", "log_level", "token", "cache_dir",
 )
 # --report_to values: the Trainer's, and (still accepted, with a note) the W&B modes earlier versions took.
 REPORT_TO = ("wandb", "tensorboard", "mlflow", "all", "none")
 LEGACY_REPORT_TO = ("online", "offline", "disabled")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
+def option(default: Any, help: str, secret: bool = False, **kwargs: Any) -> Any:
     """A dataclass field declaring one command-line option: its default and the help text `--help` shows (the one
-    way options are declared, in TrainConfig and in the other commands' option dataclasses)."""
+    way options are declared, in TrainConfig and in the other commands' option dataclasses).
+
+    `secret`: a credential (e.g. --token): the field is left out of the dataclass's repr and `masked_dict` masks it,
+    so it is never printed, logged or saved."""
+    metadata = {"help": help, **kwargs}  # HfArgumentParser passes the metadata on to argparse's add_argument
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: list(default), repr=not secret, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+def masked_dict(options: Any) -> dict[str, Any]:
+    """`dataclasses.asdict(options)` with every secret option (see `option`) that is set replaced by `<NAME>`, as
+    TrainingArguments.to_dict masks its tokens."""
+    values = dataclasses.asdict(options)
+    for f in dataclasses.fields(options):
+        if not f.repr and values[f.name] is not None:
+            values[f.name] = f"<{f.name.upper()}>"
+    return values
+
+
+def mask_secret_arguments(argv: list[str]) -> list[str]:
+    """Command-line tokens with the value of every secret TrainConfig option (`--token X`, `--token=X`) replaced
+    by `<NAME>`: trackers record the command line (W&B keeps it in the run's metadata)."""
+    flags = {f"--{f.name}": f.name for f in dataclasses.fields(TrainConfig) if not f.repr}
+    masked = list(argv)
+    for i, token in enumerate(masked):
+        flag, equals, _ = token.partition("=")
+        if flag in flags and equals:
+            masked[i] = f"{flag}=<{flags[flag].upper()}>"
+        elif token in flags and i + 1 < len(masked):
+            masked[i + 1] = f"<{flags[token].upper()}>"
+    return masked
 
 
 @dataclass
@@ -63,9 +102,29 @@ class TrainConfig:
     # Model
     model_name_or_path: str = option("roberta-base", "Base model: a Hub id or a local folder.")
     tokenizer_name: str | None = option(None, "Tokenizer: a Hub id or local folder (default: the model's).")
+    model_revision: str = option(
+        "main", "Version of the model (and tokenizer) on the Hub: a branch, tag or commit id (ignored for a local "
+        "folder); recorded in the adapter's config so loading it picks the same base.",
+    )
+    token: str | None = option(
+        None, "Hub token for private models and datasets (default: $HF_TOKEN or the `hf auth login` token). Never "
+        "printed, logged or saved; prefer $HF_TOKEN, which no process listing shows.", secret=True,
+    )
+    cache_dir: str | None = option(
+        None, "Where downloaded models and datasets (and the datasets cache of local files) are kept (default: the "
+        "Hugging Face cache, $HF_HOME).",
+    )
     # Data
     dataset_name: str | None = option("ag_news", "Hub dataset (or a local dataset folder), used when --train_file is not given.")
     dataset_config_name: str | None = option(None, "Configuration of --dataset_name (for datasets that have several).")
+    train_split_name: str = option("train", "Split of --dataset_name to train on.")
+    validation_split_name: str = option(
+        "validation", "Split of --dataset_name to select the best adapter on; when the default name is absent, a "
+        "stratified --validation_split of the training split is held out instead.",
+    )
+    test_split_name: str = option(
+        "test", "Split of --dataset_name scored at the end (--evaluate_test_split); the default name may be absent."
+    )
     text_column_names: list[str] = option(
         ["text"], "Column(s) of --dataset_name holding the text; several are joined with a space (e.g. title description)."
     )
@@ -80,9 +139,28 @@ class TrainConfig:
         None, "Class names, in label-id order (default: the dataset's ClassLabel names, else AG News's four: "
         + " ".join(AG_NEWS_LABELS) + ")."
     )
-    validation_split: float = option(0.1, "Fraction of train held out (stratified) when no validation file is given.")
+    problem_type: Literal["single_label_classification", "multi_label_classification"] = option(
+        SINGLE_LABEL, "transformers' problem_type: one class per row (softmax, cross-entropy), or "
+        "multi_label_classification: a set of classes per row (a list in JSONL/Parquet, names or ids joined by "
+        "--label_separator in CSV), a sigmoid per class and binary cross-entropy (docs/multi-label.md).",
+    )
+    multi_label_threshold: float = option(
+        0.5, "Multi-label: a class is predicted when its sigmoid probability is at least this."
+    )
+    label_separator: str = option(
+        ",", "Multi-label: the separator of several class names or ids in one text field (CSV), e.g. World,Sports."
+    )
+    validation_split: float = option(
+        0.1, "Fraction of train held out (stratified by class; multi-label: at random) when no validation file is given."
+    )
     max_length: int = option(128, "Truncate inputs to this many tokens.")
     group_by_length: bool = option(True, "Batch rows of similar length together (shuffled length groups).")
+    dataloader_num_workers: int = option(
+        0, "Worker processes that collate batches (0: in the training process); results are the same for any count."
+    )
+    dataloader_pin_memory: bool = option(
+        True, "Pin batches in page-locked memory for faster copies to the GPU (no effect on CPU-only runs)."
+    )
     max_train_samples: int | None = option(None, "Keep only this many training rows (for quick runs).")
     max_eval_samples: int | None = option(None, "Keep only this many validation rows (for quick runs).")
     # LoRA
@@ -143,6 +221,13 @@ class TrainConfig:
     # Optimisation
     learning_rate: float = option(1e-4, "AdamW peak learning rate.")
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = option(
+        "adamw_torch", "Optimizer, named as the Trainer names them: PyTorch's AdamW, or its fused kernel "
+        "(adamw_torch_fused; refused on a device without one).",
+    )
+    adam_beta1: float = option(0.9, "AdamW beta1: decay rate of the first-moment (mean) estimate.")
+    adam_beta2: float = option(0.999, "AdamW beta2: decay rate of the second-moment (variance) estimate.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon, added to the denominator for numerical stability.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 turns clipping off).")
     per_device_train_batch_size: int = option(32, "Training micro-batch per process.")
     per_device_eval_batch_size: int = option(64, "Evaluation batch per process.")
@@ -164,6 +249,10 @@ class TrainConfig:
         0.0, "R-Drop: weight of the symmetric KL between two dropout passes of each batch (0: off; doubles compute)."
     )
     warmup_ratio: float = option(0.1, "Fraction of optimizer steps spent warming up.")
+    warmup_steps: float = option(
+        0, "Warmup optimizer steps; overrides --warmup_ratio when > 0. A value below 1 is a fraction of the steps "
+        "(as transformers 5 reads it).",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
         "auto", "Precision: 'auto' takes fp16/bf16 from an Accelerate config or launcher flag, else picks bf16 on GPUs "
         "that support it, fp16 on older GPUs, bf16 on CPUs with AVX512-BF16 or AMX, fp32 otherwise; 'no' forces fp32.",
@@ -181,14 +270,38 @@ class TrainConfig:
     )
     seed: int = option(37, "Seed for the split, the batch order, dropout and LoRA init.")
     # Schedule of side effects
+    eval_strategy: Literal["steps", "epoch", "no"] = option(
+        "steps", "When to evaluate on validation: every --eval_steps, at the end of every epoch, or 'no' (only after "
+        "the last step: the adapter is then the final weights). Every strategy also evaluates after the last step.",
+    )
     eval_steps: int = option(200, "Evaluate on validation every N optimizer steps (and at the end).")
+    save_strategy: Literal["steps", "epoch", "no", "best"] = option(
+        "steps", "When to write a training checkpoint: every --save_steps, at the end of every epoch, never, or "
+        "'best' (whenever the validation --metric_for_best_model improves). A stop signal always writes one.",
+    )
     save_steps: int = option(200, "Write a training checkpoint every N optimizer steps (0: never).")
     logging_steps: int = option(50, "Log train loss and learning rate every N optimizer steps.")
+    log_level: LogLevel = option(
+        "passive", "Python logging level of the main process (the peft_agnews logger, transformers and datasets; "
+        "other processes: warning). 'passive' keeps transformers' and datasets' own levels and shows this "
+        "package's progress messages (info).",
+    )
     save_total_limit: int = option(2, "Keep this many newest checkpoints plus the best one (0: keep all).")
     resume_from_checkpoint: str | None = option(
         None, "Continue a stopped run: 'latest' (newest complete checkpoint in output_dir, if any) or a checkpoint folder."
     )
-    early_stopping_patience: int = option(0, "Stop after N evaluations without a better validation accuracy (0: off).")
+    early_stopping_patience: int = option(
+        0, "Stop after N evaluations without a better validation --metric_for_best_model (0: off)."
+    )
+    metric_for_best_model: str | None = option(
+        None, "Validation metric that picks the best adapter (and drives early stopping and save_strategy best), with "
+        "or without the Trainer's eval_ prefix: accuracy, f1_macro or loss; multi-label also f1_micro (accuracy is "
+        "then subset accuracy). Default: accuracy; multi-label: f1_micro.",
+    )
+    greater_is_better: bool | None = option(
+        None, "Whether a larger --metric_for_best_model is better (default, as the Trainer: false for a metric "
+        "ending in 'loss', else true).",
+    )
     output_dir: str = option("outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.")
     overwrite_output_dir: bool = option(False, "Allow writing into an output_dir that already holds a finished run.")
     # Tracking
@@ -235,6 +348,8 @@ class TrainConfig:
         self.lora_layers = str(self.lora_layers).strip().lower().replace(" ", "")
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK
+        self.metric_for_best_model, self.greater_is_better = best_model_metric(
+            self.metric_for_best_model, self.greater_is_better, self.problem_type)
         # A NaN passes every comparison below as False, and inf makes no sense for any float option.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -269,21 +384,34 @@ class TrainConfig:
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
             (self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0 (0 turns it off)"),
+            (self.eval_strategy != "no" or not self.early_stopping_patience,
+             "--early_stopping_patience needs evaluations during training: --eval_strategy steps or epoch"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must be in [0, 1)"),
+            (self.adam_epsilon >= 0, "--adam_epsilon must be >= 0"),
+            (self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps == int(self.warmup_steps)),
+             f"--warmup_steps must be a whole number of steps, or a fraction in [0, 1); got {self.warmup_steps}"),
+            (self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0 (0: load in the training process)"),
             (len(self.text_column_names) >= 1, "--text_column_names needs at least one column"),
             (self.train_file is not None or self.dataset_name, "give --train_file or --dataset_name"),
             *report_to_checks(self.report_to),
             *hub_checks(self.push_to_hub, self.hub_model_id),
         ]
-        problems = [message for ok, message in checks if not ok] + shared_option_problems(self)
+        problems = [message for ok, message in checks if not ok] + multi_label_problems(self) + shared_option_problems(self)
         if problems:
             raise UsageError(f"invalid config: {problems[0]}")
+
+    @property
+    def multi_label(self) -> bool:
+        """Several classes per row (--problem_type multi_label_classification)."""
+        return self.problem_type == MULTI_LABEL
 
     def resolved_label_names(self, dataset_names: list[str] | None = None) -> list[str]:
         """The class names: --label_names, else the dataset's ClassLabel names, else AG News's."""
         return list(self.label_names or dataset_names or AG_NEWS_LABELS)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option, the secret ones masked (what run_config.json and the trackers record)."""
+        return masked_dict(self)
 
     def resume_critical(self) -> dict[str, Any]:
         """The options a resumed run must share with its checkpoint (all but RESUMABLE_OPTIONS)."""
@@ -344,6 +472,31 @@ def first_token_head_problem(classifier_head: str) -> str:
             f"(--classifier_head {' / '.join(FIRST_TOKEN_HEADS)}), not {classifier_head!r}")
 
 
+def best_model_metric(metric: str | None, greater_is_better: bool | None, problem_type: str) -> tuple[str, bool]:
+    """--metric_for_best_model without the Trainer's optional `eval_` prefix (default: accuracy, multi-label:
+    f1_micro) and --greater_is_better (default as the Trainer derives it: false for a metric ending in 'loss')."""
+    choices = BEST_MODEL_METRICS[problem_type]
+    name = (metric or choices[0]).strip().removeprefix("eval_")
+    if name not in choices:
+        kind = "multi-label" if problem_type == MULTI_LABEL else "single-label"
+        raise UsageError(f"invalid config: --metric_for_best_model {metric!r} is not a {kind} validation metric; "
+                         f"use one of {', '.join(choices)} (with or without the eval_ prefix)")
+    return name, (not name.endswith("loss")) if greater_is_better is None else greater_is_better
+
+
+def multi_label_problems(cfg: TrainConfig) -> list[str]:
+    """The options that make no sense with several classes per row (they are defined for one softmax class)."""
+    if not cfg.multi_label:
+        return []
+    checks = [
+        (not cfg.label_smoothing, "--label_smoothing smooths a single-label cross-entropy; with --problem_type "
+         "multi_label_classification leave it at 0"),
+        (not cfg.rdrop_alpha, "--rdrop_alpha compares two softmax distributions; with --problem_type "
+         "multi_label_classification leave it at 0"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
 def training_option(name: str, help: str | None = None, **kwargs: Any) -> Any:
     """An inference command's option that training also has: TrainConfig's default, and its help unless `help`
     says what differs for inference."""
@@ -353,16 +506,25 @@ def training_option(name: str, help: str | None = None, **kwargs: Any) -> Any:
 
 def shared_option_problems(options: Any) -> list[str]:
     """What is wrong with the options training and inference share (max_length, per_device_eval_batch_size,
-    label_names where taken, num_threads), checked alike for TrainConfig and the inference commands' options."""
+    label_names, multi_label_threshold and label_separator where taken, num_threads), checked alike for TrainConfig
+    and the inference commands' options."""
     names = getattr(options, "label_names", None)
+    threshold = getattr(options, "multi_label_threshold", None)
     checks = [
         (options.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
         (options.max_length >= 8, "--max_length must be >= 8"),
         (names is None or len(names) >= 2, "--label_names needs at least two classes"),
         (names is None or len(set(names)) == len(names), "--label_names must be distinct"),
         (options.num_threads >= 0, "--num_threads must be >= 0 (0: all physical cores)"),
+        (threshold is None or 0 < threshold < 1, "--multi_label_threshold must be in (0, 1)"),
     ]
-    return [message for ok, message in checks if not ok]
+    return [message for ok, message in checks if not ok] + label_separator_problems(options)
+
+
+def label_separator_problems(options: Any) -> list[str]:
+    """What is wrong with --label_separator, where `options` take it."""
+    separator = getattr(options, "label_separator", ",")
+    return [] if separator.strip() else ["--label_separator must be a visible character such as , or |"]
 
 
 def _split_commas(values: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from peft_agnews.cli import parse_args
 from peft_agnews.errors import UsageError, run_command
 from peft_agnews.artifacts import save_adapter
 from peft_agnews.config import option
+from peft_agnews.console import log_level
 from peft_agnews.hub import push
 from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
 from peft_agnews.model import read_head_choice
@@ -44,6 +45,12 @@ class ExportArgs:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     model_args, args = parse_args((ModelArgs, ExportArgs), argv, description=__doc__.splitlines()[0])
+    with log_level(model_args.log_level):
+        return export(model_args, args)
+
+
+def export(model_args: ModelArgs, args: ExportArgs) -> Path:
+    """Write the merged model or the adapter copy to --output_dir (and push it when asked)."""
     if not model_args.adapter_dir:
         raise UsageError("export needs --adapter_dir (the adapter to merge or copy)")
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -58,13 +65,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_output_path(out, args.overwrite, folder=True)
     classifier = load_classifier(model_args)
     adapter_dir = Path(model_args.adapter_dir)
+    threshold = classifier.multi_label_threshold  # multi-label: labels.json keeps it (and the merged config, problem_type)
     if args.merge:
         model = classifier.model.merge_and_unload()
         # save_adapter writes any PreTrainedModel's weights + tokenizer + labels.json into a fresh folder.
-        save_adapter(model, classifier.tokenizer, classifier.label_names, out)
-        write_card(out, merged_card(classifier.base_model, adapter_dir, classifier.label_names, model_args.max_length))
+        save_adapter(model, classifier.tokenizer, classifier.label_names, out, multi_label_threshold=threshold)
+        write_card(out, merged_card(classifier.base_model, adapter_dir, classifier.label_names, model_args.max_length,
+                                    threshold))
     else:
-        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out, classifier_head=head)
+        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out, classifier_head=head,
+                     multi_label_threshold=threshold)
         if (adapter_dir / CARD_FILE).is_file():
             shutil.copyfile(adapter_dir / CARD_FILE, out / CARD_FILE)
     print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")

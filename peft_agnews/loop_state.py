@@ -120,8 +120,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: where a resumed run continues
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # validation accuracy at best_step
     best_step: int = 0
+    best_metric: float | None = None  # validation --metric_for_best_model at best_step; None before any evaluation
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 grad-scaler overflow steps
     early_stopped: bool = False
@@ -139,4 +140,18 @@ class TrainState:
     @classmethod
     def restore(cls, counters: dict, best_weights: dict[str, torch.Tensor]) -> TrainState:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)
+        state = cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)
+        if "best_metric" not in counters and state.best_step:  # written before --metric_for_best_model: accuracy
+            state.best_metric = state.best_accuracy
+        return state
+
+    def record_evaluation(self, step: int, value: float, accuracy: float, greater_is_better: bool) -> bool:
+        """Count one evaluation whose --metric_for_best_model is `value`; True (and the best step, metric and
+        accuracy updated) when it is strictly better than the best so far, as the Trainer compares."""
+        improved = self.best_metric is None or (value > self.best_metric if greater_is_better else value < self.best_metric)
+        if improved:
+            self.best_metric, self.best_accuracy, self.best_step = value, accuracy, step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        return improved

@@ -34,14 +34,14 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     alone, every text becomes `<s></s>`, and the run trains on nothing; that is refused here.
     """
     try:
-        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path).vocab_size
+        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path, **hub_options(cfg)).vocab_size
     except (OSError, ValueError) as err:
         raise UsageError(
             f"could not load model '{cfg.model_name_or_path}' ({first_line(err)}); check --model_name_or_path"
         ) from None
     name = cfg.tokenizer_name or cfg.model_name_or_path
     flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path (or pass --tokenizer_name)"
-    tokenizer = load_pretrained_tokenizer(name, flag)
+    tokenizer = load_pretrained_tokenizer(name, flag, **hub_options(cfg))
     # Vocabularies padded to a multiple of 8/64 are a little larger than their tokenizers, never twice as large.
     if vocab_size and len(tokenizer) * 2 < vocab_size:
         raise UsageError(
@@ -52,10 +52,17 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_pretrained_tokenizer(name: str | Path, flag: str) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name)`, a load failure a UsageError naming `flag` (what named the folder)."""
+def hub_options(cfg: TrainConfig) -> dict:
+    """`from_pretrained` keyword arguments for a model or tokenizer on the Hub: --model_revision, --token and
+    --cache_dir, as run_classification.py passes them (a local folder ignores them)."""
+    return {"revision": cfg.model_revision, "token": cfg.token, "cache_dir": cfg.cache_dir}
+
+
+def load_pretrained_tokenizer(name: str | Path, flag: str, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name, **kwargs)`, a load failure a UsageError naming `flag` (what named the
+    folder)."""
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise UsageError(f"could not load tokenizer '{name}' ({first_line(err)}); check {flag}") from None
 
@@ -79,9 +86,11 @@ def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel
 
 
 def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
-    """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`."""
+    """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`, and
+    transformers' problem_type for multi-label runs (its loss is then the binary cross-entropy)."""
     labels = cfg.resolved_label_names()
     kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    problem = {"problem_type": cfg.problem_type} if cfg.multi_label else {}
     return load_classification_model(
         cfg.model_name_or_path,
         "--model_name_or_path",
@@ -89,6 +98,8 @@ def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         **kernel,
+        **problem,
+        **hub_options(cfg),
     )
 
 
@@ -183,6 +194,8 @@ def lora_config(cfg: TrainConfig, rank: int, num_layers: int) -> LoraConfig:
         rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        # The base's Hub revision, which AutoPeftModel (and peft-agnews) load the adapter on; the default stays unset.
+        revision=None if cfg.model_revision == "main" else cfg.model_revision,
     )
 
 

@@ -158,8 +158,9 @@ def tracker_init_kwargs(cfg: TrainConfig, output_dir: Path, run_ids: dict[str, s
     """Accelerate's `init_kwargs` for each tracker: the W&B run (or the one `run_ids` resumes), TensorBoard's purge
     of events logged after the checkpoint, the MLflow run."""
     wandb: dict[str, Any] = {"mode": resolve_wandb_mode(cfg)}
-    if not os.environ.get("WANDB_DIR"):  # W&B reads WANDB_DIR itself; `dir=` would override it
-        wandb["dir"] = str(output_dir.resolve())
+    # WANDB_DIR when set, else the run folder. Passed as `dir=` either way: W&B reads WANDB_DIR only when its
+    # process-wide settings are first made, so a later run in the same process (a notebook) would miss a change.
+    wandb["dir"] = str(Path(os.environ.get("WANDB_DIR") or output_dir).resolve())
     # The flags win; unset, W&B's own environment variables apply (Accelerate always passes a project).
     optional = {"entity": cfg.wandb_entity or os.environ.get("WANDB_ENTITY"), "group": cfg.wandb_group,
                 "name": cfg.run_name, "id": run_ids.get("wandb")}

@@ -74,7 +74,7 @@ class ThroughputMeter:
         self.excluded = 0.0
 
     def update(self, batch: dict[str, torch.Tensor]) -> None:
-        self.samples += batch["labels"].numel()
+        self.samples += len(batch["labels"])  # rows (multi-label labels have a column per class)
         self.tokens += batch["attention_mask"].sum()
 
     @contextmanager
@@ -184,18 +184,16 @@ class RunLogger:
 
     def log_evaluation(self, split: str, metrics: dict[str, Any], label_names: list[str], step: int) -> dict[str, float]:
         """Log `classification_metrics` output as `<split>/...` scalars (per-class F1 as `<split>/f1_<class>`)
-        and a confusion-matrix chart. Returns the scalars."""
-        scalars = {
-            f"{split}/{k}": v for k, v in metrics.items() if k not in ("f1_per_class", "confusion_matrix", "num_examples")
-        }
+        and a confusion-matrix chart (single-label). Returns the scalars."""
+        scalars = {f"{split}/{k}": v for k, v in metrics.items() if k != "num_examples" and not isinstance(v, list)}
         for name, f1 in zip(label_names, metrics["f1_per_class"]):
             scalars[f"{split}/f1_{class_key(name)}"] = f1
-        matrix = metrics["confusion_matrix"]
+        matrix = metrics.get("confusion_matrix")  # none for multi-label class sets
         media = {}
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and matrix is not None:
             media[f"{split}/confusion_matrix"] = confusion_chart(matrix, label_names, f"{split} confusion matrix, step {step}")
         self.log(scalars, step, media)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and matrix is not None:
             record = {"step": step, "split": split, "labels": label_names, "matrix": matrix}
             self._append(self.output_dir / "confusion_matrices.jsonl", record)
         return scalars

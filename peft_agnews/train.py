@@ -27,7 +27,6 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_
 from datasets import DatasetDict
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -43,8 +42,10 @@ from peft_agnews.checkpointing import (
     resolve_checkpoint,
     with_older_hint,
 )
-from peft_agnews.config import TrainConfig, parse_config
+from peft_agnews.config import TrainConfig, mask_secret_arguments, parse_config
+from peft_agnews.console import log_level, logger as log, progress_bar
 from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
+from peft_agnews.labels import class_names
 from peft_agnews.errors import TrainingInterrupted, UsageError, first_line, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
@@ -73,7 +74,7 @@ from peft_agnews.model import (
     optimizer_param_groups,
 )
 from peft_agnews.objectives import classification_loss
-from peft_agnews.plan import Plan, make_scheduler
+from peft_agnews.plan import Plan, evaluates_at, make_optimizer, make_scheduler, saves_at
 from peft_agnews.prefix_cache import CACHE_DIR
 from peft_agnews.trackers import report_to_notes, resolve_trackers, tensorboard_dir
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run
@@ -151,7 +152,7 @@ def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
-    with accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
+    with log_level(cfg.log_level), accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
@@ -210,7 +211,8 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     optim = build_optimisation(cfg, data, built, accelerator, out)
     # Each checkpoint is also a plain adapter: PEFT's files plus the tokenizer, labels.json and head.json.
     companions = partial(write_adapter_companions, tokenizer=data.tokenizer, label_names=cfg.label_names,
-                         classifier_head=cfg.classifier_head)
+                         classifier_head=cfg.classifier_head,
+                         multi_label_threshold=cfg.multi_label_threshold if cfg.multi_label else None)
     checkpointer = Checkpointer(accelerator, optim.model, out / "checkpoints", cfg.save_total_limit,
                                 run_shape(cfg, data, built), fresh=resume_from is None, companions=companions)
     with latest_hint(cfg, resume_from):
@@ -246,7 +248,7 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
         splits, validation_source = load_splits_and_validation_source(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
     # The class names are known now (--label_names, else the dataset's ClassLabel names).
-    cfg = replace(cfg, label_names=splits["train"].features["label"].names)
+    cfg = replace(cfg, label_names=class_names(splits["train"].features["label"]))
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
     return Data(cfg, tokenizer, splits, tokenized, loaders, validation_source)
 
@@ -272,11 +274,10 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     splits = data.splits
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
-    accelerator.print(plan.describe(trainable, total_params))
+    log.info(plan.describe(trainable, total_params))
     if prefix is not None:
-        accelerator.print(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
-                                          model.get_base_model().config.hidden_size, half or torch.float32,
-                                          out / CACHE_DIR))
+        log.info(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
+                                 model.get_base_model().config.hidden_size, half or torch.float32, out / CACHE_DIR))
     return Built(model, plan, trainable, total_params, prefix, half or torch.float32)
 
 
@@ -295,7 +296,7 @@ def build_optimisation(cfg: TrainConfig, data: Data, built: Built, accelerator: 
         attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"], built.frozen_dtype,
                      out / CACHE_DIR, accelerator)
     groups = optimizer_param_groups(built.model, cfg.weight_decay, cfg.head_learning_rate)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    optimizer = make_optimizer(cfg, groups, accelerator.device)
     scheduler = make_scheduler(cfg, optimizer, built.plan)
     use_lora_wrap_policy(accelerator, built.model)
     return Optimisation(*accelerator.prepare(
@@ -339,6 +340,10 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         "total_params": built.total_params,
         "best_step": state.best_step,
         "best_eval_accuracy": state.best_accuracy,
+        # As the Trainer's state: the metric that picked the best step and its value there.
+        "metric_for_best_model": cfg.metric_for_best_model,
+        "best_metric": state.best_metric,
+        f"best_eval_{cfg.metric_for_best_model}": state.best_metric,
         "global_step": state.step,
         "early_stopped": state.early_stopped,
         "skipped_optimizer_steps": state.skipped_steps,
@@ -349,19 +354,22 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         "num_threads": plan.num_threads,
     }
     if "test" in data.loaders:
-        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names))
-        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
-                        "test_examples": test["num_examples"]})
+        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names),
+                           cfg.multi_label_threshold)
+        scores = ("accuracy", "f1_macro", "loss") + (("f1_micro",) if cfg.multi_label else ())
+        results.update({f"test_{key}": test[key] for key in scores} | {"test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
     # A resumed run whose best step came before the interruption scores the restored best weights once more.
     if state.best_predictions is None:
         state.best_predictions = predict_logits(model, optim.val_loader, accelerator)
-    validation = {**classification_report(*state.best_predictions, cfg.label_names), "source": data.validation_source}
+    validation = {**classification_report(*state.best_predictions, cfg.label_names, cfg.multi_label_threshold),
+                  "source": data.validation_source}
     if accelerator.is_main_process:
         ordered = data.splits["validation"].select(eval_order(data.tokenized["validation"]))
         rows = worst_misclassified(
-            *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS
+            *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS,
+            cfg.multi_label_threshold,
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
@@ -369,7 +377,8 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_adapter(unwrapped, data.tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
-                     classifier_head=cfg.classifier_head)
+                     classifier_head=cfg.classifier_head,
+                     multi_label_threshold=cfg.multi_label_threshold if cfg.multi_label else None)
         write_json(out / VALIDATION_REPORT, validation)
         write_run_plots(out)
         write_adapter_card(out / "adapter", cfg, results, validation)
@@ -377,7 +386,8 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         write_json(out / "results.json", results)  # last: its presence marks a finished run
         if cfg.push_to_hub:
             push_adapter(cfg, out / "adapter")
-    accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
+    log.info(f"best validation {cfg.metric_for_best_model} {state.best_metric:.4f} at step {state.best_step}; "
+             f"adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
 
@@ -418,7 +428,7 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
     micro_batches = 0
     grad_norm = None
     throughput = ThroughputMeter(accelerator)
-    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    progress = progress_bar(accelerator.is_local_main_process, total=plan.total_steps, initial=state.step, desc="train")
     model.train()
     for epoch in range(state.epoch, plan.num_epochs):
         if state.step >= plan.total_steps or state.early_stopped:  # also when resuming a finished run
@@ -448,7 +458,7 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 optimizer.zero_grad()
             micro_batches += 1
             state.batches_in_epoch += 1
-            state.samples_seen += batch["labels"].numel()
+            state.samples_seen += len(batch["labels"])
             throughput.update(batch)
             if not accelerator.sync_gradients:
                 continue
@@ -472,9 +482,9 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 loss_sum.zero_()
                 micro_batches = 0
             with throughput.paused():
-                if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
-                    run_evaluation(cfg, accelerator, model, optim.val_loader, logger, state)
-                if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop_requested:
+                improved = evaluates_at(cfg, plan, state.step) and run_evaluation(
+                    cfg, accelerator, model, optim.val_loader, logger, state)
+                if saves_at(cfg, plan, state.step, improved) or stop_requested:
                     saved = checkpointer.save(state.step, state.counters(), state.best_weights)
                     if accelerator.is_main_process:
                         logger.log_checkpoint(saved, state.step, state.step / plan.steps_per_epoch)
@@ -485,8 +495,8 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 )
             if 0 < cfg.early_stopping_patience <= state.evals_without_improvement:
                 state.early_stopped = True
-                accelerator.print(f"early stopping at step {state.step}: no better validation accuracy in "
-                                  f"{state.evals_without_improvement} evaluations")
+                log.info(f"early stopping at step {state.step}: no better validation {cfg.metric_for_best_model} "
+                         f"in {state.evals_without_improvement} evaluations")
             if state.step >= plan.total_steps or state.early_stopped:
                 break
     progress.close()
@@ -505,28 +515,33 @@ def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool
 
 
 def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, val_loader: DataLoader,
-                   logger: RunLogger, state: TrainState) -> None:
-    """Score the validation split, log it, and keep the weights and predictions when they are the best so far."""
+                   logger: RunLogger, state: TrainState) -> bool:
+    """Score the validation split, log it, and keep the weights and predictions when --metric_for_best_model is the
+    best so far (returned: whether it is)."""
     started = time.perf_counter()
     logits, labels = predict_logits(model, val_loader, accelerator)
-    metrics = classification_metrics(logits, labels, len(cfg.label_names))
+    metrics = classification_metrics(logits, labels, len(cfg.label_names), cfg.multi_label_threshold)
     metrics["samples_per_second"] = metrics["num_examples"] / (time.perf_counter() - started)
     logger.log_evaluation("eval", metrics, cfg.label_names, step=state.step)
-    accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
-    if metrics["accuracy"] > state.best_accuracy:
-        state.best_accuracy, state.best_step = metrics["accuracy"], state.step
+    chosen = "" if cfg.metric_for_best_model in ("accuracy", "loss") else (
+        f", {cfg.metric_for_best_model} {metrics[cfg.metric_for_best_model]:.4f}")
+    log.info(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}{chosen}")
+    improved = state.record_evaluation(state.step, metrics[cfg.metric_for_best_model], metrics["accuracy"],
+                                       cfg.greater_is_better)
+    if improved:
         state.best_weights = adapter_weights(accelerator.unwrap_model(model))
         state.best_predictions = (logits, labels)
-        state.evals_without_improvement = 0
-    else:
-        state.evals_without_improvement += 1
+    return improved
 
 
 def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: errors become one line on stderr and the exit status in the module docstring."""
     stop_when_launcher_dies()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Trackers record the command line (W&B: in the run's metadata), `peft-agnews train ...` included: never a --token.
+    sys.argv[:] = mask_secret_arguments(sys.argv)
     # e.g. a full disk while writing a checkpoint: the last complete one is intact
-    return run_command(lambda args: run(parse_config(args)), argv,
+    return run_command(lambda args: run(parse_config(args)), args,
                        os_error_hint="fix that, then continue with --resume_from_checkpoint latest")
 
 

@@ -44,6 +44,34 @@ def synthetic_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
     return rows
 
 
+def multi_label_rows(n: int, seed: int = 0) -> list[tuple[list[int], str]]:
+    """(sorted class ids, text) rows with one class (a third of them) or two, each class readable from its
+    keywords: the multi-label set the tests train on."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        first = i % 4
+        labels = [first] if rng.random() < 1 / 3 else sorted({first, rng.choice([c for c in range(4) if c != first])})
+        words = [w for label in labels for w in rng.sample(CLASS_WORDS[label], 2)]
+        words += rng.sample(FILLER, rng.randint(1, 8)) + rng.sample(CLASS_WORDS[labels[-1]], 1)
+        rng.shuffle(words)
+        rows.append((labels, " ".join(words).capitalize()))
+    return rows
+
+
+def write_multi_label_file(path: Path, rows: list[tuple[list[int], str]], separator: str = ",") -> Path:
+    """JSON Lines (label: a list of class names) or, for a .csv path, `text,label` with the names joined by
+    `separator`."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": text, "label": [LABELS[i] for i in ids]}) + "\n" for ids, text in rows))
+        return path
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([text, separator.join(LABELS[i] for i in ids)] for ids, text in rows)
+    return path
+
+
 def write_canonical_csv(path: Path, rows: list[tuple[int, str, str]]) -> Path:
     """The canonical AG News layout: headerless, all fields quoted, 1-based class."""
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -202,13 +230,15 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
 
 
 def accelerate_launch(
-    config_file: str, script_args: list[str], timeout: int = 600, script: str = "peft_agnews/train.py"
+    config_file: str, script_args: list[str], timeout: int = 600, script: str = "peft_agnews/train.py",
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config_file> <script> ...` (training by default)."""
+    """`accelerate launch --config_file accelerate_configs/<config_file> <script> ...` (training by default);
+    `env`: extra environment variables."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     return run_cli(
         [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), script, *script_args],
-        timeout=timeout,
+        timeout=timeout, env=env,
     )
 
 

@@ -89,6 +89,21 @@ def test_resume_with_pcg64_dropout_masks_is_exact(tiny_model_dir, synthetic_trai
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.slow
+def test_dataloader_workers_train_the_same_weights_and_resume_exactly(reference, tiny_model_dir, synthetic_train_csv,
+                                                                     tmp_path):
+    """Workers only collate (the order comes from the seeded sampler, dropout from the training process): a run
+    with 2 workers trains the reference's weights, and resuming it mid-epoch with workers is exact."""
+    workers = tmp_path / "workers"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, workers, dataloader_num_workers=2)) == 0
+    assert_same_run(workers, reference)
+    resumed = tmp_path / "resumed"
+    checkpoint = workers / "checkpoints" / "step_5"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, resumed, resume_from_checkpoint=checkpoint,
+                    dataloader_num_workers=2)) == 0
+    assert_same_run(resumed, reference)
+
+
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "labels.json", *TOKENIZER_FILES}
 RESUME_FILES = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json", MARKER}
