@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from peft_agnews.config import TrainConfig
-from peft_agnews.prefix_cache import ROWS_KEY
+from peft_agnews.speed.prefix_cache import ROWS_KEY
 
 # Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
 PAD_TO_MULTIPLE_OF = 8

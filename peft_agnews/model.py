@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
-from peft_agnews.dropout import use_pcg64_dropout
+from peft_agnews.speed.dropout import use_pcg64_dropout
 from peft_agnews.errors import GradientFlowError, UsageError, first_line
 
 # Every Linear kind of a BERT/RoBERTa encoder layer: `--lora_target_modules` for LoRA on all of them.

@@ -54,7 +54,7 @@ from peft_agnews.artifacts import save_adapter, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
+from peft_agnews.speed.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
 from peft_agnews.figures import write_run_plots
 from peft_agnews.model_card import write_adapter_card
 from peft_agnews.model import (
@@ -72,7 +72,7 @@ from peft_agnews.model import (
 )
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, make_scheduler
-from peft_agnews.prefix_cache import CACHE_DIR
+from peft_agnews.speed.prefix_cache import CACHE_DIR
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Roberta
 
 from conftest import LABELS, tiny_train_args
 from peft_agnews.config import TrainConfig
-from peft_agnews.dropout import ATTENTION
+from peft_agnews.speed.dropout import ATTENTION
 from peft_agnews.errors import UsageError
 from peft_agnews.model import GradientFlowError, apply_lora, check_gradient_flow, count_parameters, load_base_model
 from peft_agnews.train import cli

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from peft_agnews import dropout
+from peft_agnews.speed import dropout
 from peft_agnews.config import TrainConfig, parse_config
-from peft_agnews.dropout import PCG64Dropout, keep_mask, pcg64_dropout
+from peft_agnews.speed.dropout import PCG64Dropout, keep_mask, pcg64_dropout
 from peft_agnews.errors import UsageError
 from peft_agnews.model import apply_lora, load_base_model
 

@@ -17,10 +17,10 @@ from transformers import AutoConfig, RobertaConfig, RobertaForSequenceClassifica
 from conftest import REPO, accelerate_launch, tiny_train_args
 from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, first_token_last_layer, frozen_depth
+from peft_agnews.speed.frozen_prefix import FrozenPrefixLayers, enable_frozen_prefix, first_token_last_layer, frozen_depth
 from peft_agnews.model import ALL_LINEAR_TARGETS, apply_lora, count_parameters, lora_layer_indices, targets_without_lora
 from peft_agnews.objectives import classification_loss
-from peft_agnews.prefix_cache import KEY_FILE, ROWS_KEY, PrefixCache
+from peft_agnews.speed.prefix_cache import KEY_FILE, ROWS_KEY, PrefixCache
 from peft_agnews.train import cli
 
 BATCH = {

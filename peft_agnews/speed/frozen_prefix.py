@@ -28,7 +28,7 @@ from transformers.models.bert.modeling_bert import eager_attention_forward
 from peft_agnews.config import FIRST_TOKEN_HEADS, TrainConfig, first_token_head_problem
 from peft_agnews.data import fingerprint_rows
 from peft_agnews.errors import UsageError
-from peft_agnews.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
+from peft_agnews.speed.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
 
 
 class FrozenPrefixLayers(torch.nn.ModuleList):
