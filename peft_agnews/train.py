@@ -54,7 +54,8 @@ from peft_agnews.artifacts import save_adapter, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
-from peft_agnews.speed.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
+from peft_agnews.speed.first_token import first_token_last_layer
+from peft_agnews.speed.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix
 from peft_agnews.figures import write_run_plots
 from peft_agnews.model_card import write_adapter_card
 from peft_agnews.model import (

@@ -252,3 +252,68 @@ def load_adapter_directly(adapter_dir: Path, base_dir: Path, num_labels: int = 4
 
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     return PeftModel.from_pretrained(base, adapter_dir).eval(), AutoTokenizer.from_pretrained(adapter_dir)
+
+
+def toy_batch() -> dict:
+    """Three rows of ids 0-30 (the tiny vocabulary), with padding and labels: a batch for direct model calls."""
+    import torch
+
+    return {
+        "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1], [0, 11, 2, 1, 1]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([0, 3, 1]),
+    }
+
+
+def four_layer_model(**options):
+    """A random 4-layer, 32-wide RoBERTa classifier (dropout off) with LoRA as `options` (TrainConfig fields) say."""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model import apply_lora
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=64, num_labels=4, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    return apply_lora(RobertaForSequenceClassification(config), TrainConfig(lora_dropout=0.0, **options))
+
+
+def prefix_args(model_dir, train_csv, out, **overrides) -> list[str]:
+    """2 epochs (the cache is filled in the first and read in the second), LoRA on the top layer of 2."""
+    return tiny_train_args(model_dir, train_csv, out, max_train_steps=None, num_train_epochs=2, eval_steps=100,
+                           per_device_train_batch_size=16, gradient_accumulation_steps=1, mixed_precision="no",
+                           lora_layers="top1", model_dropout=0.0, overwrite_output_dir="true", **overrides)
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    """The two runs' adapters hold the same weights (and LoRA B moved from its zero init)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (run, reference))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert all(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k), "LoRA B must have moved from zero"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+PREFIX_RUN_OPTIONS = {"plain": {"frozen_prefix": "false"}, "prefix": {}, "cache": {"cache_frozen_prefix": "true"}}
+
+
+@pytest.fixture(scope="session")
+def prefix_runs(no_dropout_model_dir, synthetic_train_csv, tmp_path_factory):
+    """One-process runs of `prefix_args` (fp32, dropout off), each trained once when first asked for: the plain
+    model ('plain'), the frozen prefix ('prefix') and the prefix with its cache ('cache')."""
+    from peft_agnews.train import cli
+
+    runs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(name)
+            assert cli(prefix_args(no_dropout_model_dir, synthetic_train_csv, runs[name], **PREFIX_RUN_OPTIONS[name])) == 0
+        return runs[name]
+
+    return run

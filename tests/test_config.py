@@ -162,3 +162,9 @@ def test_yaml_scalar_for_a_list_option_is_one_item_and_null_keeps_none(tmp_path)
     cfg = parse_config(["--config", str(path)])
     assert cfg.wandb_tags == ["mytag"] and cfg.lora_target_modules == ["query"]
     assert cfg.max_train_steps is None and cfg.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize("spec", ["top0", "bottom2", "1-3", ""])
+def test_malformed_lora_layers_are_refused(spec):
+    with pytest.raises(UsageError, match="--lora_layers .* is not 'all', 'topK'"):
+        TrainConfig(lora_layers=spec)

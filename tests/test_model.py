@@ -8,11 +8,19 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-from conftest import LABELS, tiny_train_args
+from conftest import LABELS, four_layer_model, tiny_train_args
 from peft_agnews.config import TrainConfig
 from peft_agnews.speed.dropout import ATTENTION
 from peft_agnews.errors import UsageError
-from peft_agnews.model import GradientFlowError, apply_lora, check_gradient_flow, count_parameters, load_base_model
+from peft_agnews.model import (
+    GradientFlowError,
+    apply_lora,
+    check_gradient_flow,
+    count_parameters,
+    load_base_model,
+    lora_layer_indices,
+    targets_without_lora,
+)
 from peft_agnews.train import cli
 
 REFERENCE_TRAINABLE = 907_012
@@ -208,3 +216,29 @@ def test_attn_implementation_picks_the_attention_kernel_with_the_same_gradients(
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(grads["eager"], grads["sdpa"])
     torch.testing.assert_close(grads["auto"], grads["sdpa"])
+
+
+# --- --lora_layers and --lora_exclude_modules -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [("all", None), ("top2", [4, 5]), ("top6", None), ("4, 1", [1, 4]),
+                                            ("0,1,2,3,4,5", None)])
+def test_lora_layers_resolve_to_layer_indices(spec, expected):
+    assert lora_layer_indices(TrainConfig(lora_layers=spec).lora_layers, 6) == expected
+
+
+@pytest.mark.parametrize("spec", ["top7", "6"])
+def test_lora_layers_beyond_the_model_name_its_layer_count(spec):
+    with pytest.raises(UsageError, match="asks for layers the model lacks: it has 6"):
+        lora_layer_indices(spec, 6)
+
+
+def test_targets_that_got_no_lora_are_found():
+    model = four_layer_model(lora_layers="top1", lora_target_modules=["query", "value", "intermediate.dense"],
+                             lora_exclude_modules=["layer.3.attention.self.value"])
+    assert targets_without_lora(model, ["query", "value", "intermediate.dense"]) == ["value"]
+    assert targets_without_lora(four_layer_model(lora_layers="top1"), ["query", "value"]) == []
+
+
+def test_unknown_excluded_modules_are_refused():
+    with pytest.raises(UsageError, match=r"--lora_exclude_modules \['layer.9.attention.self.query'\] not found"):
+        four_layer_model(lora_exclude_modules=["layer.9.attention.self.query"])

@@ -26,6 +26,7 @@ from peft_agnews.model import (
     trainable_breakdown,
 )
 from peft_agnews.objectives import classification_loss, symmetric_kl
+from peft_agnews.speed.frozen_prefix import frozen_depth
 from peft_agnews.train import cli
 
 RECIPES = REPO / "recipes"
@@ -559,3 +560,30 @@ def test_a_custom_head_run_warns_at_start_that_plain_peft_cannot_load_it(head, t
     assert f"warning: --classifier_head {head} is a research head: plain PEFT cannot load" in err
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", dry_run="true")) == 0
     assert "research head" not in capsys.readouterr().err
+
+
+def test_fast_recipe_fits_the_budget_on_roberta_base_with_a_cached_bottom_half(shared_data):
+    cfg = parse_config(["--config", str(REPO / "recipes" / "fast.yaml")])
+    config = AutoConfig.from_pretrained(shared_data / "roberta-base-tokenizer")
+    config.num_labels, config.vocab_size = 4, 1000
+    model = apply_lora(RobertaForSequenceClassification(config), cfg)
+    assert count_parameters(model)[0] == 939_268 < 1_000_000
+    assert model.peft_config["default"].r == 4 and frozen_depth(model) == 6
+    lora_in_layer_6 = {n.split("layer.6.")[1].split(".lora_A")[0] for n, _ in model.named_parameters()
+                       if "layer.6." in n and "lora_A" in n}
+    assert lora_in_layer_6 == {"intermediate.dense", "output.dense"}  # backward ends in its feed-forward
+    assert cfg.cache_frozen_prefix and cfg.model_dropout == 0 and cfg.classifier_head == "model"
+
+
+def test_proxy_fast_recipe_is_the_proxy_recipe_with_the_measured_levers(monkeypatch):
+    """EXPERIMENTS.md measured proxy-minilm.yaml + these overrides (benchmarks/time_to_accuracy.py)."""
+    monkeypatch.setenv("MINILM_DIR", "/models/minilm")
+    fast = parse_config(["--config", str(REPO / "recipes" / "proxy-fast.yaml")])
+    # Measured before the proxy recipe moved to the `model_output` head (LoRA on pooler.dense too): the model's
+    # own head, fully trained, and LoRA on the six encoder Linear kinds.
+    overrides = ["--classifier_head", "model", "--lora_layers", "top3", "--cache_frozen_prefix", "true",
+                 "--lora_target_modules", *ALL_LINEAR_TARGETS,
+                 "--first_token_last_layer", "true", "--attn_implementation", "eager",
+                 "--lora_exclude_modules", *[f"layer.3.attention.{name}" for name in
+                                             ("self.query", "self.key", "self.value", "output.dense")]]
+    assert fast == parse_config(["--config", str(REPO / "recipes" / "proxy-minilm.yaml"), *overrides])
