@@ -317,3 +317,75 @@ def prefix_runs(no_dropout_model_dir, synthetic_train_csv, tmp_path_factory):
         return runs[name]
 
     return run
+
+
+def tiny_lora_model(model_dir: Path, **overrides):
+    """The tiny model with LoRA as `overrides` (TrainConfig fields) say; LoRA dropout 0, no checkpointing."""
+    import torch
+
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model import apply_lora, load_base_model
+
+    options = {"lora_dropout": 0.0, "gradient_checkpointing": False, **overrides}
+    cfg = TrainConfig(model_name_or_path=str(model_dir), **options)
+    torch.manual_seed(0)
+    return apply_lora(load_base_model(cfg), cfg)
+
+
+def roberta_base_config(vocab_size: int = 1000):
+    """roberta-base's shape (12 x 768, FFN 3072); the trainable count does not depend on the vocabulary size."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(vocab_size=vocab_size, num_labels=4)
+
+
+@pytest.fixture(scope="session")
+def mean_head_adapters(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> list[Path]:
+    """Two 6-step adapters (seeds 1 and 2) with the research head `--classifier_head mean` (head.json)."""
+    from peft_agnews.train import cli
+
+    dirs = []
+    for seed, head in ((1, "mean"), (2, "mean")):
+        out = tmp_path_factory.mktemp(f"member{seed}")
+        assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, seed=seed, classifier_head=head,
+                                   max_train_steps=6, eval_steps=6, gradient_checkpointing="false")) == 0
+        dirs.append(out / "adapter")
+    return dirs
+
+
+RECIPES = REPO / "recipes"
+# Each recipe's head and LoRA settings on the tiny model of its base's architecture (MiniLM is a BERT).
+RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert", "fast.yaml": "roberta",
+               "proxy-fast.yaml": "bert"}
+# The tiny models have 2 layers: the fast recipes' top-layer LoRA (top6 / top3) becomes the top one of them.
+# The fast recipes on the 2-layer tiny models: LoRA on the top layer, whose attention (like the real recipes' lowest
+# trained layer) gets none.
+TOP1_FEED_FORWARD_ONLY = ["--lora_layers", "top1", "--lora_exclude_modules",
+                          *[f"layer.1.attention.{name}" for name in ("self.query", "self.key", "self.value", "output.dense")]]
+RECIPE_SHRINK = {"fast.yaml": TOP1_FEED_FORWARD_ONLY, "proxy-fast.yaml": TOP1_FEED_FORWARD_ONLY}
+PLAIN_TEXTS = ["Striker scores late goal as coach praises season", "Shares of the bank fell after earnings report",
+               "Minister meets rebels at border summit"]
+
+
+@pytest.fixture(scope="session")
+def recipe_runs(tiny_model_dir, tiny_bert_dir, synthetic_train_csv, tmp_path_factory):
+    """A few-step training run of each recipe file on the tiny model of its architecture (lazily, per recipe)."""
+    from peft_agnews.train import cli
+
+    runs: dict[str, Path] = {}
+
+    def run(recipe: str) -> Path:
+        if recipe not in runs:
+            base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
+            out = tmp_path_factory.mktemp(recipe.split(".")[0])
+            argv = ["--config", str(RECIPES / recipe),
+                    *tiny_train_args(base, synthetic_train_csv, out, max_train_steps=4, eval_steps=4,
+                                     gradient_checkpointing="false", mixed_precision="no"),
+                    *RECIPE_SHRINK.get(recipe, [])]
+            with pytest.MonkeyPatch.context() as patch:  # the proxy recipe names its base through $MINILM_DIR
+                patch.setenv("MINILM_DIR", str(base))
+                assert cli(argv) == 0
+            runs[recipe] = out
+        return runs[recipe]
+
+    return run

@@ -1,4 +1,5 @@
-"""The typed config: defaults are the reference recipe, YAML + flag overrides, booleans with values, bad options."""
+"""The typed config: defaults are the reference recipe, YAML + flag overrides, booleans with values, bad options,
+the accuracy options (off by default, checked)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from conftest import RECIPES
 from peft_agnews.config import AG_NEWS_LABELS, TrainConfig, build_parser, parse_config
 from peft_agnews.errors import UsageError
 
@@ -168,3 +170,42 @@ def test_yaml_scalar_for_a_list_option_is_one_item_and_null_keeps_none(tmp_path)
 def test_malformed_lora_layers_are_refused(spec):
     with pytest.raises(UsageError, match="--lora_layers .* is not 'all', 'topK'"):
         TrainConfig(lora_layers=spec)
+
+
+# --- the accuracy options ---------------------------------------------------------------------------------------
+
+OPTIONS_OFF = {
+    "lora_rank_pattern": [], "use_rslora": False, "use_dora": False, "classifier_head": "model",
+    "head_learning_rate": None, "label_smoothing": 0.0, "rdrop_alpha": 0.0, "lr_scheduler_type": "linear",
+    "model_dropout": None,
+}
+
+
+def test_every_new_option_is_off_by_default_and_reference_yaml_is_the_defaults():
+    defaults = parse_config([])
+    assert {k: getattr(defaults, k) for k in OPTIONS_OFF} == OPTIONS_OFF
+    assert defaults.lora_r == 8 and isinstance(defaults.lora_r, int)
+    assert parse_config(["--config", str(RECIPES / "reference.yaml")]) == defaults
+
+
+@pytest.mark.parametrize("text,expected", [("auto", "auto"), ("AUTO", "auto"), ("16", 16)])
+def test_lora_r_takes_an_integer_or_auto(text, expected):
+    assert parse_config(["--lora_r", text]).lora_r == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora_r", "big"], "neither an integer nor 'auto'"),
+    (["--lora_r", "0"], "--lora_r must be >= 1"),
+    (["--lora_rank_pattern", "output.dense:4"], "not MODULE=RANK"),
+    (["--label_smoothing", "1.0"], "--label_smoothing"),
+    (["--rdrop_alpha", "-1"], "--rdrop_alpha"),
+])
+def test_bad_new_options_are_refused_with_the_fix(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize("argv", [["--model_dropout", "1"], ["--model_dropout", "-0.1"], ["--lora_dropout", "1.5"]])
+def test_dropout_rates_outside_0_1_are_refused(argv):
+    with pytest.raises(UsageError, match="must be in \\[0, 1\\)"):
+        parse_config(argv)
