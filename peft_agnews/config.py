@@ -22,10 +22,9 @@ import yaml
 from transformers import HfArgumentParser
 
 from peft_agnews.errors import UsageError, first_line
+from peft_agnews.heads import HeadName, classifier_head_help, first_token_problem
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-# Heads that read only the first token's final hidden state ([CLS] / <s>): BERT's pooler, roberta's head, ours.
-FIRST_TOKEN_HEADS = ("model", "model_output", "first_token")
 
 # Options a resumed run may change: they move no weight. Every other option is recorded in each checkpoint and
 # must match on resume (the data files are checked by a fingerprint of their rows instead of their paths).
@@ -111,13 +110,7 @@ class TrainConfig:
     )
     use_rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = option(False, "DoRA: learn a magnitude per output feature on top of the LoRA direction.")
-    classifier_head: Literal["model", "model_output", "first_token", "mean"] = option(
-        "model",
-        "Head: 'model' trains the base class's own head in full (roberta: 593,668 parameters); 'model_output' "
-        "keeps that head but trains only its output Linear (roberta: 3,076; inner layers stay as initialised and "
-        "are saved with the adapter). Both load with plain PEFT. Research options that plain PEFT cannot load: "
-        "'first_token' / 'mean', one Linear over the first token / the masked mean of the last hidden states.",
-    )
+    classifier_head: HeadName = option("model", classifier_head_help())
     max_trainable_params: int = option(1_000_000, "Refuse to train more parameters than this.")
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
     frozen_prefix: bool = option(
@@ -217,6 +210,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"invalid config: --{f.name} must be a finite number, got {value}")
+        head_problem = first_token_problem(self.classifier_head) if self.first_token_last_layer else None
         checks = [
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
@@ -239,9 +233,7 @@ class TrainConfig:
             (re.fullmatch(r"all|top[1-9]\d*|\d+(,\d+)*", self.lora_layers) is not None,
              f"--lora_layers {self.lora_layers!r} is not 'all', 'topK' (e.g. top2) or layer indices (e.g. 4,5)"),
             (self.frozen_prefix_cache_max_gb > 0, "--frozen_prefix_cache_max_gb must be > 0"),
-            (self.frozen_prefix or not self.cache_frozen_prefix, "--cache_frozen_prefix needs --frozen_prefix true"),
-            (not self.first_token_last_layer or self.classifier_head in FIRST_TOKEN_HEADS,
-             first_token_head_problem(self.classifier_head)),
+            (head_problem is None, head_problem),
             (self.eval_steps >= 1 and self.logging_steps >= 1, "--eval_steps and --logging_steps must be >= 1"),
             (self.save_steps >= 0, "--save_steps must be >= 0 (0 turns checkpoints off)"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps every checkpoint)"),
@@ -286,12 +278,6 @@ class TrainConfig:
         return dataclasses.replace(
             self, per_device_train_batch_size=micro, gradient_accumulation_steps=per_process // micro
         )
-
-
-def first_token_head_problem(classifier_head: str) -> str:
-    """Why --first_token_last_layer cannot go with `classifier_head` (one that reads more than the first token)."""
-    return (f"--first_token_last_layer needs a head that reads only the first token "
-            f"(--classifier_head {' / '.join(FIRST_TOKEN_HEADS)}), not {classifier_head!r}")
 
 
 def training_option(name: str, help: str | None = None, **kwargs: Any) -> Any:

@@ -29,7 +29,7 @@ HEADS: dict[str, Head] = {head.name: head for head in (
          "the model's own classifier head", first_token_only=True, plain_peft_loads=True),
     Head("model_output", "the base class's own head with only its output Linear trained (the inner layers stay as "
          "initialised and are saved with the adapter)",
-         "the model's own classifier head (only its output Linear trained)", first_token_only=True,
+         "the output Linear of the model's own classifier head", first_token_only=True,
          plain_peft_loads=True),
     Head("first_token", "one Linear over the first token's last hidden state (research: only peft-agnews loads it)",
          "a `first_token` pooling head (one Linear)", first_token_only=True, plain_peft_loads=False),
@@ -58,11 +58,10 @@ def first_token_problem(head: str) -> str | None:
 
 def research_head_warning(head: str) -> str:
     """What a run with one of our own heads says at its start."""
-    standard = next(name for name, h in HEADS.items() if h.plain_peft_loads and name != OWN_HEAD)
     return (
         f"warning: --classifier_head {head} is a research head: plain PEFT cannot load the adapter this run writes "
         "(PeftModel.from_pretrained fails, export --merge refuses it); only peft-agnews evaluate/predict/export read "
-        f"it. Use --classifier_head {standard} for a standard, equally cheap head."
+        "it. Use --classifier_head model_output for a standard, equally cheap head."
     )
 
 

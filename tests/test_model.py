@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Roberta
 
 from conftest import LABELS, four_layer_model, roberta_base_config, tiny_lora_model, tiny_train_args, toy_batch
 from peft_agnews.config import TrainConfig
+from peft_agnews import speed
 from peft_agnews.speed.dropout import ATTENTION
 from peft_agnews.errors import UsageError
 from peft_agnews.model import (
@@ -217,6 +218,7 @@ def test_attn_implementation_picks_the_attention_kernel_with_the_same_gradients(
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
         model = apply_lora(load_base_model(cfg), cfg)
+        speed.apply(model, cfg)
         # Under the default --dropout_generator pcg64, SDPA runs as its registered variant (plain SDPA without dropout).
         assert model.config._attn_implementation == (ATTENTION if name in ("auto", "sdpa") else name)
         ids = torch.tensor([[0, 5, 6, 7, 2, 1], [0, 8, 9, 2, 1, 1]])

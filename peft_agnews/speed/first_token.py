@@ -8,32 +8,34 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from peft_agnews.config import FIRST_TOKEN_HEADS, first_token_head_problem
-from peft_agnews.errors import UsageError
 from peft_agnews.speed.frozen_prefix import encoder_layer_list
 
+# The parts of a BERT-style encoder layer (RoBERTa, BERT, MiniLM, ...) that the first-token forward calls.
+LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate",
+               "output")
 
-def first_token_last_layer(model: torch.nn.Module, classifier_head: str) -> None:
-    """Compute the last encoder layer for the first token only (--first_token_last_layer).
 
-    The head reads nothing else, so the other tokens' outputs of that layer are dead work: only their keys and
-    values are needed (the first token attends to them). The same logits and gradients; on the MiniLM proxy the
-    layer then cost ~0.15 of its full self (EXPERIMENTS.md). The layer keeps its weights and names; only its
-    forward is replaced on this instance.
-    """
-    if classifier_head not in FIRST_TOKEN_HEADS:
-        raise UsageError(first_token_head_problem(classifier_head))
+def bert_style_last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The encoder's last layer when it is BERT-style (it has every part in LAYER_PARTS); None otherwise."""
     layers = encoder_layer_list(model)
     last = list(layers._modules.values())[-1] if layers is not None else None
-    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate",
-             "output")
     try:
-        for part in parts if last is not None else ():
+        for part in LAYER_PARTS if last is not None else ():
             last.get_submodule(part)
     except AttributeError:
-        last = None
-    if last is None:
-        raise UsageError("--first_token_last_layer needs a BERT-style encoder (RoBERTa, BERT, MiniLM, ...)")
+        return None
+    return last
+
+
+def first_token_last_layer(model: torch.nn.Module) -> None:
+    """Compute the last encoder layer for the first token only (--first_token_last_layer).
+
+    The head reads nothing else (a head with `first_token_only` in `heads.HEADS`, checked with the options), so the
+    other tokens' outputs of that layer are dead work: only their keys and values are needed (the first token attends
+    to them). The same logits and gradients. The layer (`bert_style_last_layer`, checked by
+    `speed.check_prerequisites`) keeps its weights and names; only its forward is replaced on this instance.
+    """
+    last = bert_style_last_layer(model)
     last.forward = partial(_first_token_forward, last)
 
 

@@ -23,7 +23,6 @@ from peft import PeftModel
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.data import fingerprint_rows
-from peft_agnews.errors import UsageError
 from peft_agnews.speed.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
 
 
@@ -136,11 +135,9 @@ def describe_prefix(prefix: FrozenPrefixLayers, cfg: TrainConfig, lengths: list[
 
 def attach_cache(prefix: FrozenPrefixLayers, model: PeftModel, cfg: TrainConfig, train: Dataset, tokenized: Dataset,
                  dtype: torch.dtype, folder: Path, accelerator: Accelerator) -> PrefixCache:
-    """Open (reuse or build) the cache of `prefix` for the training split and let the prefix read it."""
+    """Open (reuse or build) the cache of `prefix` for the training split and let the prefix read it (its
+    prerequisites: `speed.check_prerequisites`)."""
     modules = prefix_modules(model, prefix.depth)
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for module in modules for m in module.modules()):
-        raise UsageError("--cache_frozen_prefix needs dropout off in the frozen layers (their output must be the "
-                         "same every epoch); pass --model_dropout 0")
     config = model.get_base_model().config
     key = {
         "model": cfg.model_name_or_path,

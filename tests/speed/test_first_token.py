@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import four_layer_model, toy_batch
-from peft_agnews.config import parse_config
+from peft_agnews.config import TrainConfig, parse_config
 from peft_agnews.errors import UsageError
+from peft_agnews.heads import HEADS
 from peft_agnews.speed.first_token import first_token_last_layer
 from peft_agnews.speed.frozen_prefix import enable_frozen_prefix
 
@@ -25,7 +28,7 @@ def test_last_layer_for_the_first_token_only_gives_the_same_logits_and_gradients
         model.get_base_model().config._attn_implementation = kernel  # built in code, not loaded
         enable_frozen_prefix(model)
         if first_token:
-            first_token_last_layer(model, "model")
+            first_token_last_layer(model)
         widths = []  # tokens reaching the last layer's feed-forward
         model.get_base_model().roberta.encoder.layer[3].intermediate.register_forward_pre_hook(
             lambda _, args: widths.append(args[0].shape[1]))
@@ -42,9 +45,16 @@ def test_last_layer_for_the_first_token_only_gives_the_same_logits_and_gradients
 
 
 def test_last_layer_for_the_first_token_only_needs_a_head_that_reads_only_the_first_token():
-    model = four_layer_model(lora_layers="top1", gradient_checkpointing=False, classifier_head="mean")
-    with pytest.raises(UsageError, match="--first_token_last_layer needs a head that reads only the first token"):
-        first_token_last_layer(model, "mean")
-    # Refused when the options are read, before any data or model is loaded.
-    with pytest.raises(UsageError, match="needs a head that reads only the first token .*, not 'mean'"):
+    """Checked once, when the options are read (before any data or model is loaded), as the head registry says:
+    every way of making a config (flags, YAML, code, a replace) passes through that check."""
+    message = "--first_token_last_layer needs a head that reads only the first token .*, not 'mean'"
+    with pytest.raises(UsageError, match=message):
         parse_config(["--first_token_last_layer", "true", "--classifier_head", "mean"])
+    with pytest.raises(UsageError, match=message):
+        dataclasses.replace(TrainConfig(first_token_last_layer=True), classifier_head="mean")
+    for name, head in HEADS.items():
+        if head.first_token_only:
+            assert TrainConfig(first_token_last_layer=True, classifier_head=name).classifier_head == name
+        else:
+            with pytest.raises(UsageError, match="needs a head that reads only the first token"):
+                TrainConfig(first_token_last_layer=True, classifier_head=name)
