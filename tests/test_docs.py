@@ -37,9 +37,6 @@ import pytest
 
 from conftest import REPO, synthetic_rows, write_canonical_csv
 
-sys.path.insert(0, str(REPO / "docs"))
-import make_configuration  # noqa: E402 (docs/make_configuration.py)
-
 PACKAGE = REPO / "peft_agnews"
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "yml", "safetensors", "bin", "csv", "txt", "png", "sh", "sbatch",
                  "toml", "parquet", "pt", "wandb", "lock", "cfg"}
@@ -49,6 +46,9 @@ SKIPPED_DIRS = {".git", ".venv", "venv", "outputs", "node_modules", "wandb", "__
 # --- docs/configuration.md ------------------------------------------------------------------------------------
 
 def test_configuration_page_is_generated_from_train_config():
+    sys.path.insert(0, str(REPO / "docs"))
+    import make_configuration  # docs/make_configuration.py
+
     page = make_configuration.PAGE
     assert page.is_file() and page.read_text(encoding="utf-8") == make_configuration.render(), (
         "docs/configuration.md differs from TrainConfig: run `python docs/make_configuration.py` and commit the page")

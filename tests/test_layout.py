@@ -54,6 +54,7 @@ WHOLE_SYSTEM_TESTS = {
     "test_benchmarks": "benchmarks/",
     "test_public_api": "peft_agnews/__init__.py",
     "test_layout": "the package's layout",
+    "test_deprecations": "the suite's deprecation rule (pyproject.toml, conftest.py)",
 }
 
 
