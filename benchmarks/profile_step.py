@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train_throughput import parse_args as throughput_args, prepare_model
 
+    from peft_agnews import speed
     from peft_agnews.batching import make_dataloaders, tokenize_splits
     from peft_agnews.config import TrainConfig
     from peft_agnews.data import load_splits
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
     torch.manual_seed(0)
     model = apply_lora(load_base_model(cfg), cfg)
+    speed.apply(model, cfg)  # the speed options as training applies them (--dropout_generator among them)
     if args.precision == "bf16":
         cast_frozen_linear_weights(model, torch.bfloat16)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)

@@ -12,7 +12,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.labels import class_names, is_multi_label, multi_hot
-from peft_agnews.prefix_cache import ROWS_KEY
+from peft_agnews.speed.prefix_cache import ROWS_KEY
 
 # Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
 PAD_TO_MULTIPLE_OF = 8

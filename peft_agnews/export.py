@@ -24,6 +24,7 @@ from peft_agnews.config import option
 from peft_agnews.console import log_level
 from peft_agnews.hub import push
 from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.heads import ours
 from peft_agnews.model import read_head_choice
 from peft_agnews.model_card import CARD_FILE, merged_card, write_card
 
@@ -56,7 +57,7 @@ def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise UsageError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
     head = read_head_choice(Path(model_args.adapter_dir))
-    if args.merge and head != "model":
+    if args.merge and ours(head):
         raise UsageError(
             f"--merge needs the base class's own head, but this adapter was trained with --classifier_head {head} "
             "(a plain Transformers model cannot hold it); export without --merge and load it with peft-agnews"

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from peft_agnews.errors import NonFiniteError
+from peft_agnews.hardware import under_launcher
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Where a checkpoint keeps `TrainState.best_weights` (see checkpointing.py).
@@ -76,8 +77,7 @@ def stop_when_launcher_dies() -> None:
     orphan; killed with SIGKILL, a multi-process launcher leaves every rank running. With the parent-death
     signal the trainer stops as on any SIGTERM: checkpoint, exit 75.
     """
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
-    if not launched or not sys.platform.startswith("linux"):
+    if not under_launcher() or not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

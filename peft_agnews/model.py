@@ -20,8 +20,8 @@ from transformers import (
 )
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
-from peft_agnews.dropout import use_pcg64_dropout
 from peft_agnews.errors import GradientFlowError, UsageError, first_line
+from peft_agnews.heads import HEADS, OWN_HEAD, ours
 
 # Every Linear kind of a BERT/RoBERTa encoder layer: `--lora_target_modules` for LoRA on all of them.
 ALL_LINEAR_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -117,8 +117,6 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
         set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
     model = wrap_with_lora(base, cfg, rank)
-    if cfg.dropout_generator == "pcg64":
-        use_pcg64_dropout(model)  # after wrapping: PEFT's lora_dropout layers exist only now
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(
@@ -259,16 +257,6 @@ def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 HEAD_FILE = "head.json"
-# Heads of our own: only peft-agnews can build them, so plain PEFT cannot load (or merge) their adapters.
-CUSTOM_HEADS = ("first_token", "mean")
-
-
-def custom_head_warning(head: str) -> str:
-    return (
-        f"warning: --classifier_head {head} is a research head: plain PEFT cannot load the adapter this run writes "
-        "(PeftModel.from_pretrained fails, export --merge refuses it); only peft-agnews evaluate/predict/export read "
-        "it. Use --classifier_head model_output for a standard, equally cheap head."
-    )
 
 
 class _MaskSlot:
@@ -316,7 +304,7 @@ def replace_head(base: PreTrainedModel, head: str) -> None:
     The head always receives the last hidden states: a BERT-style pooler (dense + tanh over the first token)
     becomes a pass-through, and the base's own dropout before the head is kept, so the head adds none there.
     """
-    if head not in CUSTOM_HEADS:
+    if not ours(head):
         return
     if not isinstance(getattr(base, "classifier", None), torch.nn.Module):
         raise UsageError(
@@ -338,23 +326,24 @@ def replace_head(base: PreTrainedModel, head: str) -> None:
 
 
 def save_head_choice(adapter_dir: Path, head: str) -> None:
-    """Record a custom head next to the adapter: loading it needs the same head built first."""
-    if head in CUSTOM_HEADS:
+    """Record one of our own heads next to the adapter: loading it needs the same head built first."""
+    if ours(head):
         (Path(adapter_dir) / HEAD_FILE).write_text(json.dumps({"classifier_head": head}) + "\n")
 
 
 def read_head_choice(adapter_dir: Path) -> str:
-    """The custom head an adapter was trained with ('model' when no head.json: the base class's own head, which
-    plain PEFT rebuilds); a damaged head.json is a UsageError."""
+    """The head of our own an adapter was trained with (`heads.OWN_HEAD` when no head.json: the base class's own
+    head, which plain PEFT rebuilds); a damaged head.json is a UsageError."""
     file = Path(adapter_dir) / HEAD_FILE
     if not file.is_file():
-        return "model"
+        return OWN_HEAD
     try:
         head = json.loads(file.read_text())["classifier_head"]
     except (ValueError, KeyError, TypeError):
         head = None
-    if head not in CUSTOM_HEADS:
-        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(CUSTOM_HEADS)}}}); "
+    recorded = [name for name in HEADS if ours(name)]
+    if head not in recorded:
+        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(recorded)}}}); "
                          "restore it from the training run's adapter folder")
     return head
 

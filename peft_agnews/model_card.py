@@ -15,8 +15,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.files import atomic_write
+from peft_agnews.heads import HEADS, ours
 from peft_agnews.hub import base_license, hub_id
-from peft_agnews.model import CUSTOM_HEADS
 
 CARD_FILE = "README.md"
 TAGS = ["text-classification", "lora", "peft-agnews"]
@@ -114,9 +114,7 @@ def adapter_card(cfg: TrainConfig, results: dict, validation: dict, lora_rank: i
         source = f"`{cfg.test_file}`" if cfg.test_file else f"the `{cfg.dataset_name}` {cfg.test_split_name} split"
         rows.append((f"test ({source})", {**test, "num_examples": results["test_examples"]}))
     effective = cfg.effective_batch(results["num_processes"])
-    head = "the model's own classifier head" if cfg.classifier_head == "model" else (
-        f"a `{cfg.classifier_head}` pooling head (one Linear)"
-    )
+    head = HEADS[cfg.classifier_head].card
     rank_note = " (auto: the largest that fits the budget)" if cfg.lora_r == "auto" else ""
     if cfg.lora_rank_pattern:
         rank_note += f" (per module: {', '.join(cfg.lora_rank_pattern)})"
@@ -184,14 +182,14 @@ def _how_to_use(base_model: str, names: list[str], head: str, multi_label_thresh
     commands = """```bash
 peft-agnews predict --adapter_dir <this folder> --input_file texts.csv --output_file predictions.csv
 peft-agnews evaluate --adapter_dir <this folder> --test_file labelled.csv
-""" + ("" if head in CUSTOM_HEADS else "peft-agnews export --adapter_dir <this folder> --merge --output_dir merged   # standalone model\n") + "```"
+""" + ("" if ours(head) else "peft-agnews export --adapter_dir <this folder> --merge --output_dir merged   # standalone model\n") + "```"
     labels = f"""labels = {names!r}
 id2label, label2id = dict(enumerate(labels)), {{name: i for i, name in enumerate(labels)}}"""
     # Multi-label: transformers' problem_type makes the model's loss a per-class binary cross-entropy.
     problem = "" if multi_label_threshold is None else ', problem_type="multi_label_classification"'
     base = f"""base = AutoModelForSequenceClassification.from_pretrained(
     "{base_model}", num_labels={len(names)}, id2label=id2label, label2id=label2id{problem})"""
-    if head in CUSTOM_HEADS:
+    if ours(head):
         return f"""{commands}
 
 Trained with the research head `--classifier_head {head}` (`head.json`): plain PEFT cannot load this adapter; build

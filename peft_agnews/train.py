@@ -53,21 +53,20 @@ from peft_agnews.hub import push
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
 from peft_agnews.scoring import predict_logits, score_split
+from peft_agnews import speed
 from peft_agnews.artifacts import save_adapter, write_adapter_companions, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
 from peft_agnews.figures import write_run_plots
 from peft_agnews.model_card import write_adapter_card
+from peft_agnews.heads import ours, research_head_warning
 from peft_agnews.model import (
-    CUSTOM_HEADS,
     apply_lora,
     trainable_breakdown,
     cast_frozen_linear_weights,
     targets_without_lora,
     check_gradient_flow,
-    custom_head_warning,
     count_parameters,
     load_base_model,
     load_tokenizer,
@@ -75,7 +74,6 @@ from peft_agnews.model import (
 )
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, evaluates_at, make_optimizer, make_scheduler, saves_at
-from peft_agnews.prefix_cache import CACHE_DIR
 from peft_agnews.trackers import report_to_notes, resolve_trackers, tensorboard_dir
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run
 
@@ -184,7 +182,7 @@ class Built:
     plan: Plan
     trainable_params: int
     total_params: int
-    prefix: FrozenPrefixLayers | None
+    prefix: speed.FrozenPrefixLayers | None
     frozen_dtype: torch.dtype  # of the frozen prefix's cache: the half precision in use, else fp32
 
 
@@ -229,7 +227,7 @@ def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | 
     """Seed, check the output folder, and find the checkpoint to resume from: (output folder, checkpoint or None,
     the tracker run ids it recorded)."""
     if accelerator.is_main_process:
-        for note in report_to_notes(cfg) + ([custom_head_warning(cfg.classifier_head)] if cfg.classifier_head in CUSTOM_HEADS else []):
+        for note in report_to_notes(cfg) + ([research_head_warning(cfg.classifier_head)] if ours(cfg.classifier_head) else []):
             print(note, file=sys.stderr)
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
@@ -260,13 +258,8 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     if unplaced and accelerator.is_main_process:
         print(f"warning: --lora_target_modules {unplaced} got no LoRA: outside --lora_layers {cfg.lora_layers} "
               "(LoRA goes inside the encoder's layers only) or excluded by --lora_exclude_modules", file=sys.stderr)
-    # With LoRA on the top layers only, the layers below run without autograd (and, opted in, from a cache).
-    prefix = enable_frozen_prefix(model) if cfg.frozen_prefix else None
-    if cfg.cache_frozen_prefix and prefix is None:
-        raise UsageError("--cache_frozen_prefix needs frozen bottom layers: pass --lora_layers topK with K below "
-                         "the model's layer count (and no trainable embeddings)")
-    if cfg.first_token_last_layer:
-        first_token_last_layer(model, cfg.classifier_head)
+    # The speed options (PCG64 masks, the frozen prefix, the first-token last layer): see speed/__init__.py.
+    prefix = speed.apply(model, cfg, accelerator.num_processes)
     trainable, total_params = count_parameters(model)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if half is not None and cfg.cast_frozen_weights:
@@ -276,8 +269,9 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
                       test_examples=len(splits["test"]) if "test" in splits else 0)
     log.info(plan.describe(trainable, total_params))
     if prefix is not None:
-        log.info(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
-                                 model.get_base_model().config.hidden_size, half or torch.float32, out / CACHE_DIR))
+        log.info(speed.describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
+                                       model.get_base_model().config.hidden_size, half or torch.float32,
+                                       out / speed.CACHE_DIR))
     return Built(model, plan, trainable, total_params, prefix, half or torch.float32)
 
 
@@ -293,8 +287,8 @@ def describe_trainable(cfg: TrainConfig, built: Built, accelerator: Accelerator)
 def build_optimisation(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path) -> Optimisation:
     """AdamW over the trainable parameters, the schedule, and `accelerator.prepare` (FSDP: LoRA-aware wrapping)."""
     if cfg.cache_frozen_prefix:
-        attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"], built.frozen_dtype,
-                     out / CACHE_DIR, accelerator)
+        speed.attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"],
+                           built.frozen_dtype, out / speed.CACHE_DIR, accelerator)
     groups = optimizer_param_groups(built.model, cfg.weight_decay, cfg.head_learning_rate)
     optimizer = make_optimizer(cfg, groups, accelerator.device)
     scheduler = make_scheduler(cfg, optimizer, built.plan)
