@@ -10,6 +10,7 @@ import codecs
 import csv
 import hashlib
 import math
+import unicodedata
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
@@ -50,7 +51,9 @@ def _check_readable_text(path: Path) -> str:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as err:
             raise UsageError(f"{path}: not UTF-8 text (ends inside a character: {err.reason}); re-encode it as UTF-8") from None
-    return (first or "").splitlines(keepends=True)[0] if first else ""
+    # A byte-order mark (Excel writes one) is not part of the first field; the CSV reader gets utf-8-sig.
+    first = (first or "").removeprefix("\ufeff")
+    return first.splitlines(keepends=True)[0] if first else ""
 
 
 def is_canonical_agnews(first_line: str, path: Path) -> bool:
@@ -91,12 +94,12 @@ def read_table(path: Path, option: str, what: str, all_text: bool = False) -> tu
     if suffix == ".csv" and is_canonical_agnews(first_line, path):
         features = Features({c: Value("string") for c in CANONICAL_COLUMNS})
         return _raw_dataset(path, what, column_names=CANONICAL_COLUMNS, header=None, features=features,
-                            keep_default_na=False), True
+                            keep_default_na=False, encoding="utf-8-sig"), True
     if suffix != ".csv":
         return _raw_dataset(path, what), False
     header = next(csv.reader([first_line]), []) if all_text else []
     as_text = {"features": Features({c: Value("string") for c in header})} if header else {}
-    return _raw_dataset(path, what, keep_default_na=False, **as_text), False
+    return _raw_dataset(path, what, keep_default_na=False, encoding="utf-8-sig", **as_text), False
 
 
 def read_labelled_file(path_str: str, label_names: list[str]) -> Dataset:
@@ -176,6 +179,22 @@ def non_string_text(row: int, text: object) -> str:
     return f"row {row + 1} text is {type(text).__name__} ({str(text)[:40]}), not a string"
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, control characters (NUL, ...) and invisible format
+    characters (zero-width space and joiners, byte-order marks, ...); such a row is as empty as ""."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def classes_missing_from_training(splits: DatasetDict) -> dict[str, list[str]]:
+    """Per split scored at the end or on the way (validation, test): the classes it has that no training row has
+    (the model can never predict them)."""
+    names = splits["train"].features["label"].names
+    trained = set(splits["train"]["label"])
+    missing = {split: [names[i] for i in sorted(set(splits[split]["label"]) - trained)]
+               for split in ("validation", "test") if split in splits}
+    return {split: classes for split, classes in missing.items() if classes}
+
+
 def fingerprint_rows(texts: list[str], labels: list[int]) -> str:
     """sha256 over the rows' texts and labels, in order: equal only for the same rows in the same order."""
     digest = hashlib.sha256()
@@ -191,7 +210,7 @@ def _validate(ds: Dataset, path: Path, label_names: list[str]) -> Dataset:
         raise UsageError(f"{path}: the file has no rows; give a file with labelled examples")
     texts = ds["text"]
     for row, text in enumerate(texts):
-        if text is None or not text.strip():
+        if text is None or is_blank(text):
             raise UsageError(f"{path}: row {row + 1} has empty text; remove or fill that row")
     return ds.cast_column("label", ClassLabel(names=label_names))
 
