@@ -40,6 +40,7 @@ class EnsembleArgs:
     )
     max_length: int = training_option("max_length", "Truncate inputs to this many tokens (use the training value).")
     num_threads: int = training_option("num_threads")
+    trust_remote_code: bool = training_option("trust_remote_code")
 
     def __post_init__(self) -> None:
         if not self.adapter_dirs or not self.test_file:
@@ -51,7 +52,8 @@ class EnsembleArgs:
     def member(self, adapter_dir: str) -> ModelArgs:
         """The options evaluate would take to score one member."""
         return ModelArgs(adapter_dir=adapter_dir, per_device_eval_batch_size=self.per_device_eval_batch_size,
-                         max_length=self.max_length, num_threads=self.num_threads)
+                         max_length=self.max_length, num_threads=self.num_threads,
+                         trust_remote_code=self.trust_remote_code)
 
 
 def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str]:

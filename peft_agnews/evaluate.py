@@ -21,7 +21,8 @@ from peft_agnews.errors import UsageError, run_command
 from peft_agnews.metrics import classification_report
 from peft_agnews.artifacts import write_json
 from peft_agnews.config import option
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.files import check_output_file
+from peft_agnews.loading import ModelArgs, load_classifier, model_inputs
 from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 from peft_agnews.figures import plot_confusion_matrix
@@ -33,8 +34,8 @@ class EvaluateArgs:
     output_file: str | None = option(
         None, "Metrics JSON (default: eval_<test file name>.json next to the adapter or model folder)."
     )
-    plot: bool = option(True, "Also draw the confusion matrix as a PNG next to the JSON.")
-    overwrite: bool = option(False, "Replace an existing output file.")
+    plot: bool = option(True, "Also draw the confusion matrix as a PNG next to the JSON (same name, .png).")
+    overwrite: bool = option(False, "Replace an existing output file (and its PNG).")
 
     def __post_init__(self) -> None:
         if not self.test_file:
@@ -65,7 +66,14 @@ def format_report(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     model_args, args = parse_args((ModelArgs, EvaluateArgs), argv, description=__doc__.splitlines()[0])
     output = Path(args.output_file) if args.output_file else default_output(model_args, args.test_file)
-    check_output_path(output, args.overwrite)
+    figure = output.with_suffix(".png") if args.plot else None
+    if figure == output:
+        raise UsageError(f"--output_file {output}: the JSON and its confusion-matrix PNG would be the same file; "
+                         "give the JSON a .json name, or pass --plot false")
+    # Every file this command writes, checked before any scoring.
+    inputs = [*model_inputs(model_args), ("--test_file", args.test_file)]
+    for path in (output, figure) if figure else (output,):
+        check_output_file(path, "--output_file", args.overwrite, inputs)
     classifier = load_classifier(model_args)
     with accelerator_session(model_args.num_threads) as accelerator:
         with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
@@ -74,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report = classification_report(logits, labels, classifier.label_names)
         report.update(test_file=str(args.test_file), model=classifier.base_model, adapter_dir=model_args.adapter_dir)
         if accelerator.is_main_process:
-            write_json(output, report)
-            if args.plot:
-                plot_confusion_matrix(report, output.with_suffix(".png"), title=f"{Path(args.test_file).name}")
+            if figure:
+                plot_confusion_matrix(report, figure, title=f"{Path(args.test_file).name}", exclusive=not args.overwrite)
+            write_json(output, report, exclusive=not args.overwrite)
             print(format_report(report))
             print(f"\nmetrics written to {output}")
         accelerator.wait_for_everyone()
