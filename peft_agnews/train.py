@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from datasets import DatasetDict
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -39,20 +39,20 @@ from peft_agnews.checkpointing import (
     load_trainable,
     read_state,
     resolve_checkpoint,
+    step_of,
     trainable_weights,
     with_older_hint,
 )
-from peft_agnews.config import TrainConfig, parse_config
-from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
+from peft_agnews.config import RESOLVED_OPTIONS, TrainConfig, parse_config
+from peft_agnews.data import classes_missing_from_training, fingerprint_rows, load_splits_and_validation_source
 from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
-from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
 from peft_agnews.scoring import predict_logits, score_split
 from peft_agnews.artifacts import save_adapter, write_json
 from peft_agnews.loop_state import (
-    StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
+    StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_agreed, stop_when_launcher_dies,
 )
 from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
 from peft_agnews.figures import write_run_plots
@@ -66,21 +66,21 @@ from peft_agnews.model import (
     check_gradient_flow,
     custom_head_warning,
     count_parameters,
+    check_max_length,
     load_base_model,
+    load_model_config,
     load_tokenizer,
     optimizer_param_groups,
 )
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, make_scheduler
 from peft_agnews.prefix_cache import CACHE_DIR
+from peft_agnews.run_folder import RESULTS_FILE, check_output_dir, lock_output_dir, start_writing
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
-VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws every eval_<split>.json
-# How long a resuming run waits for the output folder's previous holder to exit (a requeued SLURM job can start
-# while the preempted one is still writing its stop checkpoint); a fresh run is refused at once.
-RESUME_LOCK_WAIT_SECONDS = 180
+VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws eval_<split>.json as eval_<split>.png
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:
@@ -105,47 +105,12 @@ def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> No
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / "results.json").exists() and not cfg.overwrite_output_dir:
-        raise UsageError(
-            f"{out} already holds a finished run (results.json); choose another --output_dir "
-            "or pass --overwrite_output_dir true"
-        )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} exists and is not a folder; choose another path")
-    # A fresh run writes adapter/, metrics.jsonl, run_config.json, ...: never over files it did not write.
-    # (An earlier run's checkpoints get their own message from resolve_checkpoint.)
-    existing = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, "checkpoints")) if out.is_dir() else []
-    if existing and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-        raise UsageError(
-            f"--output_dir {out} is not empty ({shown}); choose a new or empty folder, continue its run with "
-            "--resume_from_checkpoint latest, or pass --overwrite_output_dir true (replaces what a run writes there)"
-        )
-    return out
-
-
-def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
-    """One run per output folder: the main process takes the lock (waiting a while when resuming); every process
-    learns whether it got it."""
-    lock = OutputLock(Path(cfg.output_dir))
-    error = None
-    if accelerator.is_main_process:
-        try:
-            wait = RESUME_LOCK_WAIT_SECONDS if cfg.resume_from_checkpoint else 0
-            lock.acquire(wait_seconds=wait, say=accelerator.print)
-        except UsageError as err:
-            error = str(err)
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise UsageError(error)
-    return lock
-
-
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
+    # Before anything is created: the model's config (its own code refused unless --trust_remote_code), and
+    # --max_length against its position table (a longer input would fail mid-training).
+    model_config = load_model_config(cfg.model_name_or_path, "--model_name_or_path", cfg.trust_remote_code)
+    check_max_length(model_config, cfg.max_length, cfg.model_name_or_path)
     with accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
@@ -202,6 +167,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     if cfg.dry_run:
         describe_trainable(cfg, built, accelerator)
         return None
+    start_writing(out, fresh=resume_from is None, accelerator=accelerator)  # data and model are good: now write
     optim = build_optimisation(cfg, data, built, accelerator, out)
     checkpointer = Checkpointer(accelerator, optim.model, out / "checkpoints", cfg.save_total_limit,
                                 run_shape(cfg, data, built), fresh=resume_from is None)
@@ -209,10 +175,10 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
     logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_id, resumed=resume_from is not None)
     started = time.perf_counter()
-    with StopSignal() as stop:
+    with StopSignal() as stop:  # also over the final evaluation: a signal there stops with a checkpoint too
         fit(cfg, built.plan, accelerator, optim, logger, checkpointer, state, stop)
-    return finish(cfg, data, built, optim, accelerator, logger, state, out,
-                  runtime=time.perf_counter() - started, wall_start=wall_start)
+        return finish(cfg, data, built, optim, accelerator, logger, state, out,
+                      runtime=time.perf_counter() - started, wall_start=wall_start, stop=stop, checkpointer=checkpointer)
 
 
 def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, str | None]:
@@ -237,6 +203,10 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
     # The class names are known now (--label_names, else the dataset's ClassLabel names).
     cfg = replace(cfg, label_names=splits["train"].features["label"].names)
+    for split, classes in classes_missing_from_training(splits).items():
+        if accelerator.is_main_process:
+            print(f"warning: class(es) {classes} appear in the {split} rows but in no training row: the model cannot "
+                  "learn them; add training rows of those classes", file=sys.stderr)
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
     return Data(cfg, tokenizer, splits, tokenized, loaders, validation_source)
 
@@ -298,7 +268,11 @@ def run_shape(cfg: TrainConfig, data: Data, built: Built) -> dict:
     (not just their count), and every option that changes the math."""
     fingerprints = {f"{name}{FINGERPRINT_SUFFIX}": fingerprint_rows(data.splits[name]["text"], data.splits[name]["label"])
                     for name in ("train", "validation")}
-    return {**built.plan.shape(cfg), **fingerprints, OPTIONS_KEY: cfg.resume_critical()}
+    # Compared as resolved here ('auto' -> bf16, sdpa, ...): the same math under another spelling resumes.
+    resolved = {"mixed_precision": built.plan.mixed_precision,
+                "attn_implementation": built.model.get_base_model().config._attn_implementation}
+    options = {**cfg.resume_critical(), **{name: resolved[name] for name in RESOLVED_OPTIONS}}
+    return {**built.plan.shape(cfg), **fingerprints, OPTIONS_KEY: options}
 
 
 def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path, state: TrainState,
@@ -316,12 +290,15 @@ def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accel
 
 
 def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, accelerator: Accelerator,
-           logger: RunLogger, state: TrainState, out: Path, runtime: float, wall_start: float) -> dict:
+           logger: RunLogger, state: TrainState, out: Path, runtime: float, wall_start: float,
+           stop: StopSignal, checkpointer: Checkpointer) -> dict:
     """The best weights back into the model, the test split, the misclassified table, then (main process) the
-    adapter, the report and card, the tracker summary and results.json, last."""
+    adapter, the report and card, the tracker summary and results.json, last. A stop signal received by then
+    stops the run as in the loop (checkpoint, exit 75) before anything is written."""
     model, plan = optim.model, built.plan
     # The deliverable is the best adapter, not the last one.
     unwrapped = accelerator.unwrap_model(model)
+    last_weights = trainable_weights(unwrapped)
     load_trainable(unwrapped, state.best_weights)
     results = {
         "trainable_params": built.trainable_params,
@@ -337,15 +314,19 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         "mixed_precision": plan.mixed_precision,
         "num_threads": plan.num_threads,
     }
-    if "test" in data.loaders:
-        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names))
-        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
-                        "test_examples": test["num_examples"]})
-        logger.log_evaluation("test", test, cfg.label_names, step=state.step)
+    test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names)) \
+        if "test" in data.loaders else None
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
     # A resumed run whose best step came before the interruption scores the restored best weights once more.
     if state.best_predictions is None:
         state.best_predictions = predict_logits(model, optim.val_loader, accelerator)
+    if stop_agreed(accelerator, stop):
+        load_trainable(unwrapped, last_weights)  # a checkpoint holds the last step's weights, as in the loop
+        raise stopped_after_training(stop, checkpointer, state)
+    if test is not None:
+        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
+                        "test_examples": test["num_examples"]})
+        logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     validation = {**classification_report(*state.best_predictions, cfg.label_names), "source": data.validation_source}
     if accelerator.is_main_process:
         ordered = data.splits["validation"].select(eval_order(data.tokenized["validation"]))
@@ -360,13 +341,25 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         save_adapter(unwrapped, data.tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
                      classifier_head=cfg.classifier_head)
         write_json(out / VALIDATION_REPORT, validation)
-        write_run_plots(out)
+        write_run_plots(out, reports=[VALIDATION_REPORT])  # not the eval_*.json other commands put there
         write_adapter_card(out / "adapter", cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
-        write_json(out / "results.json", results)  # last: its presence marks a finished run
+        write_json(out / RESULTS_FILE, results)  # last: its presence marks a finished run
     accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
+
+
+def stopped_after_training(stop: StopSignal, checkpointer: Checkpointer, state: TrainState) -> TrainingInterrupted:
+    """A stop signal during the final evaluation: the finished training's checkpoint (written now unless the last
+    step has one), and the note the command exits 75 with. Resuming redoes only the final evaluation."""
+    last = checkpointer.last_saved  # the checkpoint resumed from may lie in another folder, where latest looks not
+    if last is None or last.parent != checkpointer.folder or step_of(last) != state.step:
+        last = checkpointer.save(state.step, state.counters(), state.best_weights)
+    return TrainingInterrupted(
+        f"stopped by {stop.received or 'a signal on another process'} during the final evaluation (training had "
+        f"finished at step {state.step}); checkpoint {last}; finish with --resume_from_checkpoint latest"
+    )
 
 
 @contextmanager
@@ -480,7 +473,10 @@ def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.M
                    logger: RunLogger, state: TrainState) -> None:
     """Score the validation split, log it, and keep the weights and predictions when they are the best so far."""
     started = time.perf_counter()
-    logits, labels = predict_logits(model, val_loader, accelerator)
+    # Starting the loader's iterator draws a seed from torch's global generator, which every later dropout mask
+    # comes from: an evaluation must leave it as it was, or how often the run evaluates changes the weights.
+    with torch.random.fork_rng(devices=[]):
+        logits, labels = predict_logits(model, val_loader, accelerator)
     metrics = classification_metrics(logits, labels, len(cfg.label_names))
     metrics["samples_per_second"] = metrics["num_examples"] / (time.perf_counter() - started)
     logger.log_evaluation("eval", metrics, cfg.label_names, step=state.step)
