@@ -163,6 +163,11 @@ def atomic_dir(path: Path, exclusive: bool = False, owner: str | None = None) ->
         if owner:
             mark_folder(tmp, owner)
         if exclusive or not os.path.lexists(path):
+            if path.is_dir() and not path.is_symlink():
+                try:
+                    path.rmdir()  # an empty folder holds nothing to lose; one that is not empty stays and refuses
+                except OSError:
+                    pass
             try:
                 _rename_new(tmp, path)
             except FileExistsError:

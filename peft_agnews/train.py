@@ -107,11 +107,12 @@ def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> No
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
+    session_options = accelerator_options(cfg)  # the tracker mode and precision, refused first when unusable
     # Before anything is created: the model's config (its own code refused unless --trust_remote_code), and
     # --max_length against its position table (a longer input would fail mid-training).
     model_config = load_model_config(cfg.model_name_or_path, "--model_name_or_path", cfg.trust_remote_code)
     check_max_length(model_config, cfg.max_length, cfg.model_name_or_path)
-    with accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
+    with accelerator_session(cfg.num_threads, **session_options) as accelerator:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps

@@ -188,3 +188,6 @@ def test_overwrite_replaces_an_earlier_export_in_one_swap(trained_adapter_run, t
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" in names and "adapter_model.safetensors" not in names and OUTPUT_MARKER in names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"], "no temporary or old folder left"
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: no --overwrite needed
+    main(["--adapter_dir", adapter, "--output_dir", str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "adapter_model.safetensors").is_file()
