@@ -364,10 +364,10 @@ def test_max_length_beyond_the_models_positions_is_one_error(trained_adapter_run
 
 @pytest.mark.slow
 def test_texts_of_only_invisible_characters_are_empty(trained_adapter_run, tmp_path):
-    """NUL or zero-width characters alone were accepted as text."""
-    for name, text in (("nul", "\x00\x00"), ("zero-width", "\u200b\u200d\ufeff "), ("nbsp", "\u00a0\u2060")):
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": "goal coach"}) + "\n" + json.dumps({"text": text}) + "\n")
-        proc = run_cli([sys.executable, "-m", "peft_agnews.predict", "--adapter_dir",
-                        str(trained_adapter_run / "adapter"), "--input_file", str(tmp_path / f"{name}.jsonl"),
-                        "--output_file", str(tmp_path / f"{name}.csv")])
-        assert proc.returncode == 2 and "row 2 has empty or missing text" in proc.stderr, (name, proc.stderr[-1000:])
+    """NUL or zero-width characters alone were accepted as text (more cases: test_data.py)."""
+    rows = [{"text": "goal coach"}, {"text": "\x00\u200b\u200d\ufeff "}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = run_cli([sys.executable, "-m", "peft_agnews.predict", "--adapter_dir", str(trained_adapter_run / "adapter"),
+                    "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.csv")])
+    assert proc.returncode == 2 and "row 2 has empty or missing text" in proc.stderr, proc.stderr[-1000:]
+    assert not (tmp_path / "out.csv").exists()
