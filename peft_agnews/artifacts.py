@@ -11,37 +11,49 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from peft_agnews.config import MULTI_LABEL
-from peft_agnews.files import atomic_dir, atomic_write
+from peft_agnews.files import atomic_dir, atomic_write, library_writes
 from peft_agnews.model import save_head_choice
 
 LABELS_FILE = "labels.json"
 
 
-def save_adapter(
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, label_names: list[str], out_dir: Path,
+                 **options: Any) -> None:
+    """`write_model_files` (with `options`: state_dict, classifier_head, multi_label_threshold) into a new folder,
+    swapped in for `out_dir` as one complete folder (see `files.atomic_dir`): a reader sees the old adapter or the
+    new one."""
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tokenizer, label_names, tmp, **options)
+
+
+def write_model_files(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     label_names: list[str],
-    out_dir: Path,
+    folder: Path,
     state_dict: dict[str, Any] | None = None,
     classifier_head: str = "model",
     multi_label_threshold: float | None = None,
 ) -> None:
-    """Adapter weights (safetensors) + adapter config + tokenizer + label names (+ head.json for a non-default
-    `classifier_head`), swapped in as one rename.
+    """Adapter (or any PreTrainedModel's) weights as safetensors + config + tokenizer + label names (+ head.json for
+    a non-default `classifier_head`), written into `folder` (a new temporary one). A full disk inside safetensors or
+    tokenizers is an OSError (see `files.library_writes`).
 
     `state_dict`: the model's full state dict when it had to be gathered first (sharded training, see train.py);
     PEFT keeps only the adapter and head entries of it. `multi_label_threshold`: a multi-label classifier; labels.json
     then also records transformers' problem_type and the threshold its predictions use."""
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-        write_adapter_companions(tmp, tokenizer, label_names, classifier_head, multi_label_threshold)
+    with library_writes(folder):
+        model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    write_adapter_companions(folder, tokenizer, label_names, classifier_head, multi_label_threshold)
 
 
 def write_adapter_companions(folder: Path, tokenizer: PreTrainedTokenizerBase, label_names: list[str],
                              classifier_head: str = "model", multi_label_threshold: float | None = None) -> None:
     """What an adapter folder holds besides PEFT's own files: the tokenizer, labels.json and (for a custom head)
-    head.json. Into an existing folder that the caller swaps in atomically (the adapter, a checkpoint)."""
-    tokenizer.save_pretrained(folder)
+    head.json. Into an existing folder that the caller swaps in atomically (the adapter, a checkpoint). A full disk
+    inside tokenizers is an OSError (see `files.library_writes`)."""
+    with library_writes(folder):
+        tokenizer.save_pretrained(folder)
     labels: dict[str, Any] = {"id2label": dict(enumerate(label_names))}
     if multi_label_threshold is not None:
         labels.update(problem_type=MULTI_LABEL, multi_label_threshold=multi_label_threshold)
@@ -49,9 +61,10 @@ def write_adapter_companions(folder: Path, tokenizer: PreTrainedTokenizerBase, l
     save_head_choice(folder, classifier_head)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename, so readers never see a half-written file."""
-    with atomic_write(path) as handle:
+def write_json(path: Path, obj: Any, exclusive: bool = False) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see a half-written file (`exclusive`: fail
+    rather than replace a file that appeared meanwhile, see `files.atomic_write`)."""
+    with atomic_write(path, exclusive=exclusive) as handle:
         handle.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

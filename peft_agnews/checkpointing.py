@@ -18,16 +18,19 @@ never the frozen base:
                                only, read back with `weights_only=True`
     trainer_state.json         step, epoch, position in the epoch, best metric, early-stopping count, tracker run id,
                                and the run's shape (processes, batches, accumulation, seed) a resume must match
-    COMPLETE                   written last
+    COMPLETE                   written last: the sha256 of every other file, as written
 
 Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then renamed, so a folder named
-`step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips.
+`step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips. A file whose
+sha256 differs from the one recorded (damaged on disk: a bit flip leaves a readable file with wrong weights) makes
+the checkpoint unusable, with an error naming the file (and, for `latest`, the older checkpoint to pass).
 They hold `loop_state.TrainState`: its counters in trainer_state.json, its best weights in the file `best_weights` names.
 """
 
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import shutil
@@ -42,7 +45,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
+from peft_agnews.config import RESOLVED_OPTIONS
 from peft_agnews.errors import UsageError, first_line
+from peft_agnews.files import library_writes
 from peft_agnews.loop_state import BEST_FILE, TrainState
 
 PREFIX = "step_"
@@ -129,8 +134,40 @@ def resolve_checkpoint(spec: str | None, folder: Path, overwrite: bool = False,
     return path
 
 
+def file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(path: Path) -> None:
+    """Check every file of checkpoint `path` against the sha256 its COMPLETE marker recorded when it was written
+    (an empty marker: a checkpoint of an older version, which recorded none); a CorruptCheckpointError names the
+    first file that is missing or differs."""
+    marker = path / MARKER
+    try:
+        text = marker.read_text(encoding="utf-8")
+        recorded = json.loads(text)["sha256"] if text.strip() else {}
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) and "/" not in k for k, v in recorded.items()):
+            raise ValueError("sha256 is not an object of file names and digests")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(f"checkpoint file {marker} is unreadable or corrupt ({first_line(err)}); "
+                                     "pass another checkpoint") from None
+    for name, expected in sorted(recorded.items()):
+        file = path / name
+        if not file.is_file() or file_sha256(file) != expected:
+            raise CorruptCheckpointError(
+                f"checkpoint file {file} is missing or corrupt (its sha256 differs from the one recorded when it was "
+                "written: damaged on disk or edited); pass another checkpoint"
+            )
+
+
 def read_state(path: Path) -> dict[str, Any]:
-    """The JSON part of a checkpoint (plain data: no unpickling), every counter checked for its type."""
+    """The JSON part of a checkpoint (plain data: no unpickling), every counter checked for its type, after every
+    file of the checkpoint was checked against its recorded sha256 (`verify_files`)."""
+    verify_files(path)
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
@@ -263,16 +300,20 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process writes its own RNG file; the main process the rest
-        if acc.is_main_process:
-            best_file = self._write_best(tmp, step, counters, best_weights)
-            state = {"step": step, "counters": counters, "run_shape": self.run_shape, BEST_KEY: best_file}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        with library_writes(tmp):  # a full disk inside torch.save or safetensors: one error line, not a traceback
+            acc.save_state(str(tmp))  # every process writes its own RNG file; the main process the rest
+            if acc.is_main_process:
+                best_file = self._write_best(tmp, step, counters, best_weights)
+                state = {"step": step, "counters": counters, "run_shape": self.run_shape, BEST_KEY: best_file}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            for file in tmp.iterdir():
+            files = sorted(tmp.iterdir())
+            for file in files:
                 _fsync(file)
-            (tmp / MARKER).write_text("")
+            # The digests of the files as written: a resume checks them (verify_files) before trusting any byte.
+            digests = {file.name: file_sha256(file) for file in files}
+            (tmp / MARKER).write_text(json.dumps({"sha256": digests}, indent=1, sort_keys=True))
             _fsync(tmp / MARKER)
             if final.exists():  # an older run reached this step before: replace it
                 self._discard(final)
@@ -336,8 +377,10 @@ class Checkpointer:
             if key not in saved or saved[key] == value:
                 continue
             if key == OPTIONS_KEY:
+                # A checkpoint of an older version recorded 'auto' unresolved: its resolved precision is in the shape.
                 diffs += [f"--{name} {saved[key][name]!r} (now {value[name]!r})" for name in value
-                          if name in saved[key] and saved[key][name] != value[name]]
+                          if name in saved[key] and saved[key][name] != value[name]
+                          and not (name in RESOLVED_OPTIONS and saved[key][name] == "auto")]
             elif key.endswith(FINGERPRINT_SUFFIX):
                 split = key.removesuffix(FINGERPRINT_SUFFIX)
                 diffs.append(f"other {split} rows (sha256 {str(saved[key])[:12]}... now {value[:12]}...)")

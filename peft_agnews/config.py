@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -35,17 +36,19 @@ BEST_MODEL_METRICS = {SINGLE_LABEL: ("accuracy", "f1_macro", "loss"),
 # transformers' TrainingArguments log levels; 'passive' leaves the libraries' verbosity as it is.
 LogLevel = Literal["debug", "info", "warning", "error", "critical", "passive"]
 
-# Options a resumed run may change: they move no weight. Every other option is recorded in each checkpoint and
-# must match on resume (the data files are checked by a fingerprint of their rows instead of their paths).
+# Options a resumed run may change: they move no weight, with dropout on (tests/test_checkpointing.py resumes with
+# each one changed and compares the weights). Every other option is recorded in each checkpoint and must match on
+# resume (the data files are checked by a fingerprint of their rows instead of their paths). Not here, although
+# exact without dropout: --attn_implementation (sdpa draws attention-dropout masks in its own kernel, eager through
+# the model's nn.Dropout) and --first_token_last_layer (fewer dropout draws in the last layer).
 RESUMABLE_OPTIONS = (
     "train_file", "validation_file", "dataset_name", "test_file", "per_device_eval_batch_size",
     "eval_steps", "save_steps", "logging_steps", "save_total_limit", "early_stopping_patience",
     "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "dry_run", "max_trainable_params",
-    "gradient_checkpointing", "cast_frozen_weights", "attn_implementation",
+    "gradient_checkpointing", "cast_frozen_weights", "trust_remote_code",
     # Where and how fast the same math runs, and what is scored at the end: threads, the frozen prefix run under
-    # no_grad and its cache, the last layer for the first token only (all exact), the dataset's test split.
-    "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "first_token_last_layer",
-    "evaluate_test_split",
+    # no_grad and its cache (both exact), the dataset's test split.
+    "num_threads", "frozen_prefix", "cache_frozen_prefix", "frozen_prefix_cache_max_gb", "evaluate_test_split",
     "report_to", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "run_name",
     # What happens to the adapter once trained: its card's license, the Hub upload.
     "license", "push_to_hub", "hub_model_id", "hub_private_repo",
@@ -54,6 +57,15 @@ RESUMABLE_OPTIONS = (
     "eval_strategy", "save_strategy", "train_split_name", "validation_split_name", "test_split_name",
     "dataloader_num_workers", "dataloader_pin_memory", "log_level", "token", "cache_dir",
 )
+# A YAML options file is a few hundred bytes: these limits refuse a hostile one (an "alias bomb": a few hundred
+# bytes whose anchors expand to gigabytes) before anything is expanded or quoted.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_ALIASES = 64
+# Options compared on resume by what they resolve to on this machine and library ('auto' included): the
+# checkpoint records the resolved value (train.run_shape).
+RESOLVED_OPTIONS = ("mixed_precision", "attn_implementation")
+
+
 # --report_to values: the Trainer's, and (still accepted, with a note) the W&B modes earlier versions took.
 REPORT_TO = ("wandb", "tensorboard", "mlflow", "all", "none")
 LEGACY_REPORT_TO = ("online", "offline", "disabled")
@@ -136,6 +148,11 @@ class TrainConfig:
     model_name_or_path: str = option("roberta-base", "Base model: a Hub id or a local folder.", group="model")
     tokenizer_name: str | None = option(
         None, "Tokenizer: a Hub id or local folder (unset: the model's).", group="model"
+    )
+    trust_remote_code: bool = option(
+        False, "Allow a model or tokenizer that ships its own Python code (an auto_map in its config) to run it; "
+        "without it such a model is refused. That code runs on your machine: only for a source you trust.",
+        group="model",
     )
     model_dropout: float | None = option(
         None, "Set every dropout inside the base model and head (hidden, attention, classifier) to this rate; unset "
@@ -352,7 +369,8 @@ class TrainConfig:
         "outputs/agnews-lora", "Where the adapter, metrics and checkpoints go.", group="evaluation"
     )
     overwrite_output_dir: bool = option(
-        False, "Allow writing into an output_dir that already holds a finished run.", group="evaluation"
+        False, "Replace the run in output_dir (finished or not; never a folder no run created): its files are removed "
+        "when this run starts writing, checkpoints first.", group="evaluation",
     )
     dry_run: bool = option(
         False, "Build data and model, print the plan, write nothing, exit.", group="evaluation"
@@ -688,14 +706,22 @@ def yaml_arguments(path: str, values: dict[str, Any]) -> tuple[list[str], dict[s
             continue
         items = value if isinstance(value, list) else [value]
         if any(isinstance(item, (dict, list)) or item is None for item in items):
-            raise UsageError(f"config file {path}: {name} must be a value or a list of values, got {value!r}")
+            raise UsageError(f"config file {path}: {name} must be a value or a list of values, got {_short(value)}")
         tokens_of_option = [f"--{name}", *(str(item) for item in items)]
         try:
             parser.parse_args(tokens_of_option)
         except argparse.ArgumentError as err:
-            raise UsageError(f"config file {path}: {name}: {value!r}: {err.message}") from None
+            message = err.message if len(err.message) <= 200 else err.message[:200] + "..."
+            raise UsageError(f"config file {path}: {name}: {_short(value)}: {message}") from None
         tokens += tokens_of_option
     return tokens, nulls
+
+
+def _short(value: Any) -> str:
+    """`value` as an error message quotes it: nested lists and long strings cut short, never printed whole."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxstring, short.maxother = 2, 4, 60, 60
+    return short.repr(value)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -703,10 +729,19 @@ def load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {path} is over {MAX_CONFIG_BYTES // 1024} KiB; an options file is a list of "
+                         "option: value lines")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        text = file.read_text(encoding="utf-8")
+        # Count aliases on the event stream, which does not expand them; only then build the values.
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_CONFIG_ALIASES:
+            raise UsageError(f"config file {path} uses {aliases} YAML aliases (*name), over {MAX_CONFIG_ALIASES}; "
+                             "write the values out")
+        values = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UsageError(f"config file {path} is not valid YAML: {first_line(err)}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {first_line(err)[:200]}") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

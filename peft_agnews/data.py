@@ -10,13 +10,14 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import unicodedata
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_dataset
 
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
-from peft_agnews.labels import is_multi_label, label_sets_to_ids, labels_to_ids
+from peft_agnews.labels import class_names, is_multi_label, label_sets_to_ids, labels_to_ids
 
 CANONICAL_COLUMNS = ["class", "title", "description"]
 _LOADERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -51,7 +52,9 @@ def _check_readable_text(path: Path) -> str:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as err:
             raise UsageError(f"{path}: not UTF-8 text (ends inside a character: {err.reason}); re-encode it as UTF-8") from None
-    return (first or "").splitlines(keepends=True)[0] if first else ""
+    # A byte-order mark (Excel writes one) is not part of the first field; the CSV reader gets utf-8-sig.
+    first = (first or "").removeprefix("\ufeff")
+    return first.splitlines(keepends=True)[0] if first else ""
 
 
 def is_canonical_agnews(first_line: str, path: Path) -> bool:
@@ -93,12 +96,12 @@ def read_table(path: Path, option: str, what: str, all_text: bool = False,
     if suffix == ".csv" and is_canonical_agnews(first_line, path):
         features = Features({c: Value("string") for c in CANONICAL_COLUMNS})
         return _raw_dataset(path, what, cache_dir, column_names=CANONICAL_COLUMNS, header=None, features=features,
-                            keep_default_na=False), True
+                            keep_default_na=False, encoding="utf-8-sig"), True
     if suffix != ".csv":
         return _raw_dataset(path, what, cache_dir), False
     header = next(csv.reader([first_line]), []) if all_text else []
     as_text = {"features": Features({c: Value("string") for c in header})} if header else {}
-    return _raw_dataset(path, what, cache_dir, keep_default_na=False, **as_text), False
+    return _raw_dataset(path, what, cache_dir, keep_default_na=False, encoding="utf-8-sig", **as_text), False
 
 
 def read_labelled_file(path_str: str, label_names: list[str], multi_label_separator: str | None = None,
@@ -148,6 +151,26 @@ def _from_canonical(raw: Dataset, path: Path, num_labels: int) -> Dataset:
     return raw.map(convert, batched=True, remove_columns=raw.column_names, desc="canonical AG News")
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, control characters (NUL, ...) and invisible format
+    characters (zero-width space and joiners, byte-order marks, ...); such a row is as empty as ""."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def classes_missing_from_training(splits: DatasetDict) -> dict[str, list[str]]:
+    """Per split scored at the end or on the way (validation, test): the classes it has that no training row has
+    (the model can never predict them). Multi-label rows count every class of their set."""
+    names = class_names(splits["train"].features["label"])
+
+    def classes(split: str) -> set[int]:
+        return {c for label in splits[split]["label"] for c in (label if isinstance(label, list) else [label])}
+
+    trained = classes("train")
+    missing = {split: [names[i] for i in sorted(classes(split) - trained)]
+               for split in ("validation", "test") if split in splits}
+    return {split: found for split, found in missing.items() if found}
+
+
 def fingerprint_rows(texts: list[str], labels: list) -> str:
     """sha256 over the rows' texts and labels (class ids, or lists of them), in order: equal only for the same rows
     in the same order."""
@@ -170,7 +193,7 @@ def _validate(ds: Dataset, path: Path, label_names: list[str]) -> Dataset:
         raise UsageError(f"{path}: the file has no rows; give a file with labelled examples")
     texts = ds["text"]
     for row, text in enumerate(texts):
-        if text is None or not text.strip():
+        if text is None or is_blank(text):
             raise UsageError(f"{path}: row {row + 1} has empty text; remove or fill that row")
     classes = ClassLabel(names=label_names)
     return ds.cast_column("label", List(classes) if is_multi_label(ds.features["label"]) else classes)

@@ -47,6 +47,7 @@ class EnsembleArgs:
     num_threads: int = training_option("num_threads")
     label_separator: str = training_option("label_separator")
     log_level: LogLevel = training_option("log_level")
+    trust_remote_code: bool = training_option("trust_remote_code")
 
     def __post_init__(self) -> None:
         if not self.adapter_dirs or not self.test_file:
@@ -58,7 +59,8 @@ class EnsembleArgs:
     def member(self, adapter_dir: str) -> ModelArgs:
         """The options evaluate would take to score one member."""
         return ModelArgs(adapter_dir=adapter_dir, per_device_eval_batch_size=self.per_device_eval_batch_size,
-                         max_length=self.max_length, num_threads=self.num_threads, log_level=self.log_level)
+                         max_length=self.max_length, num_threads=self.num_threads, log_level=self.log_level,
+                         trust_remote_code=self.trust_remote_code)
 
 
 def check_members(adapter_dirs: list[str]) -> tuple[str, list[str], str, float | None]:

@@ -24,7 +24,8 @@ from peft_agnews.errors import UsageError, run_command
 from peft_agnews.metrics import classification_report
 from peft_agnews.artifacts import write_json
 from peft_agnews.config import label_separator_problems, option, training_option
-from peft_agnews.loading import Classifier, ModelArgs, check_output_path, load_classifier
+from peft_agnews.files import check_output_file
+from peft_agnews.loading import Classifier, ModelArgs, load_classifier, model_inputs
 from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 from peft_agnews.figures import plot_confusion_matrix
@@ -36,8 +37,9 @@ class EvaluateArgs:
     output_file: str | None = option(
         None, "Metrics JSON (default: eval_<test file name>.json next to the adapter or model folder)."
     )
-    plot: bool = option(True, "Also draw the confusion matrix as a PNG next to the JSON (single-label).")
-    overwrite: bool = option(False, "Replace an existing output file.")
+    plot: bool = option(
+        True, "Also draw the confusion matrix as a PNG next to the JSON (same name, .png; single-label).")
+    overwrite: bool = option(False, "Replace an existing output file (and its PNG).")
     label_separator: str = training_option("label_separator")
 
     def __post_init__(self) -> None:
@@ -92,7 +94,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def evaluate(model_args: ModelArgs, args: EvaluateArgs) -> dict:
     """Score the classifier on --test_file; the main process writes the report (and the PNG) and prints it."""
     output = Path(args.output_file) if args.output_file else default_output(model_args, args.test_file)
-    check_output_path(output, args.overwrite)
+    figure = output.with_suffix(".png") if args.plot else None
+    if figure == output:
+        raise UsageError(f"--output_file {output}: the JSON and its confusion-matrix PNG would be the same file; "
+                         "give the JSON a .json name, or pass --plot false")
+    # Every file this command writes, checked before any scoring.
+    inputs = [*model_inputs(model_args), ("--test_file", args.test_file)]
+    for path in (output, figure) if figure else (output,):
+        check_output_file(path, "--output_file", args.overwrite, inputs)
     classifier = load_classifier(model_args)
     with accelerator_session(model_args.num_threads) as accelerator:
         with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
@@ -101,9 +110,9 @@ def evaluate(model_args: ModelArgs, args: EvaluateArgs) -> dict:
         report = classification_report(logits, labels, classifier.label_names, classifier.multi_label_threshold or 0.5)
         report.update(test_file=str(args.test_file), model=classifier.base_model, adapter_dir=model_args.adapter_dir)
         if accelerator.is_main_process:
-            write_json(output, report)
-            if args.plot and "confusion_matrix" in report:
-                plot_confusion_matrix(report, output.with_suffix(".png"), title=f"{Path(args.test_file).name}")
+            if figure and "confusion_matrix" in report:  # multi-label reports have none
+                plot_confusion_matrix(report, figure, title=f"{Path(args.test_file).name}", exclusive=not args.overwrite)
+            write_json(output, report, exclusive=not args.overwrite)
             print(format_report(report))
             print(f"\nmetrics written to {output}")
         accelerator.wait_for_everyone()

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from peft_agnews.cli import parse_args
 from peft_agnews.errors import UsageError, run_command
-from peft_agnews.artifacts import save_adapter
+from peft_agnews.artifacts import write_model_files
 from peft_agnews.config import option
 from peft_agnews.console import log_level
+from peft_agnews.files import atomic_dir, check_output_folder
 from peft_agnews.hub import push
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.loading import ModelArgs, load_classifier, model_inputs
 from peft_agnews.heads import ours
 from peft_agnews.model import read_head_choice
 from peft_agnews.model_card import CARD_FILE, merged_card, write_card
@@ -31,9 +32,11 @@ from peft_agnews.model_card import CARD_FILE, merged_card, write_card
 
 @dataclass
 class ExportArgs:
-    output_dir: str | None = option(None, "Folder to write (refused if it exists, unless --overwrite).")
+    output_dir: str | None = option(
+        None, "Folder to write: new or empty (an existing one only with --overwrite, and only if export wrote it)."
+    )
     merge: bool = option(False, "Merge LoRA into the base weights (merge_and_unload): a standalone model.")
-    overwrite: bool = option(False, "Replace an existing --output_dir.")
+    overwrite: bool = option(False, "Replace an --output_dir that an earlier export wrote (never another folder).")
     push_to_hub: bool = option(False, "Upload the written folder to the Hub (needs network and a token).")
     hub_model_id: str | None = option(None, "Hub repository for --push_to_hub, e.g. user/agnews-roberta-lora.")
 
@@ -63,21 +66,23 @@ def export(model_args: ModelArgs, args: ExportArgs) -> Path:
             "(a plain Transformers model cannot hold it); export without --merge and load it with peft-agnews"
         )
     out = Path(args.output_dir)
-    check_output_path(out, args.overwrite, folder=True)
+    check_output_folder(out, "--output_dir", "export", args.overwrite, model_inputs(model_args))
     classifier = load_classifier(model_args)
     adapter_dir = Path(model_args.adapter_dir)
     threshold = classifier.multi_label_threshold  # multi-label: labels.json keeps it (and the merged config, problem_type)
-    if args.merge:
-        model = classifier.model.merge_and_unload()
-        # save_adapter writes any PreTrainedModel's weights + tokenizer + labels.json into a fresh folder.
-        save_adapter(model, classifier.tokenizer, classifier.label_names, out, multi_label_threshold=threshold)
-        write_card(out, merged_card(classifier.base_model, adapter_dir, classifier.label_names, model_args.max_length,
-                                    threshold))
-    else:
-        save_adapter(classifier.model, classifier.tokenizer, classifier.label_names, out, classifier_head=head,
-                     multi_label_threshold=threshold)
-        if (adapter_dir / CARD_FILE).is_file():
-            shutil.copyfile(adapter_dir / CARD_FILE, out / CARD_FILE)
+    # Written complete into a new folder, then put in place (swapped for an earlier export's with --overwrite).
+    with atomic_dir(out, exclusive=not args.overwrite, owner="export") as tmp:
+        if args.merge:
+            model = classifier.model.merge_and_unload()
+            # write_model_files writes any PreTrainedModel's weights + tokenizer + labels.json.
+            write_model_files(model, classifier.tokenizer, classifier.label_names, tmp, multi_label_threshold=threshold)
+            write_card(tmp, merged_card(classifier.base_model, adapter_dir, classifier.label_names,
+                                        model_args.max_length, threshold))
+        else:
+            write_model_files(classifier.model, classifier.tokenizer, classifier.label_names, tmp, classifier_head=head,
+                              multi_label_threshold=threshold)
+            if (adapter_dir / CARD_FILE).is_file():
+                shutil.copyfile(adapter_dir / CARD_FILE, tmp / CARD_FILE)
     print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")
     if args.push_to_hub:
         push(out, args.hub_model_id, commit_message="Upload from peft-agnews export")

@@ -60,7 +60,7 @@ def plot_training_curves(events: list[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_confusion_matrix(report: dict, out: Path, title: str = "") -> Path:
+def plot_confusion_matrix(report: dict, out: Path, title: str = "", exclusive: bool = False) -> Path:
     """Counts with rows = true class and columns = predicted class; colour by row share (recall)."""
     counts = report["confusion_matrix"]
     names = report["label_names"]
@@ -77,21 +77,24 @@ def plot_confusion_matrix(report: dict, out: Path, title: str = "") -> Path:
     accuracy = f"accuracy {report['accuracy']:.4f}" if "accuracy" in report else ""
     ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix {title}\n{accuracy}".strip())
     fig.colorbar(image, ax=ax, label="share of the true class")
-    return _save(fig, out)
+    return _save(fig, out, exclusive)
 
 
-def _save(fig: Figure, out: Path) -> Path:
-    """Write via a temporary file and a rename: a PNG appears complete or not at all."""
+def _save(fig: Figure, out: Path, exclusive: bool = False) -> Path:
+    """Write via a temporary file and a rename: a PNG appears complete or not at all (`exclusive`: see
+    `files.atomic_write`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as handle:
+    with atomic_write(out, "wb", exclusive=exclusive) as handle:
         fig.savefig(handle, format="png")
     return out
 
 
-def write_run_plots(run_dir: Path) -> list[Path]:
-    """training_curves.png from metrics.jsonl, and eval_<split>.png for every eval_<split>.json in `run_dir`."""
+def write_run_plots(run_dir: Path, reports: list[str] | None = None) -> list[Path]:
+    """training_curves.png from metrics.jsonl, and eval_<split>.png for every eval_<split>.json in `run_dir` (or
+    for the `reports` named: training draws only its own)."""
     written = [plot_training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES_FILE)]
-    for report_file in sorted(run_dir.glob("eval_*.json")):
+    files = sorted(run_dir.glob("eval_*.json")) if reports is None else [run_dir / name for name in reports]
+    for report_file in files:
         report = json.loads(report_file.read_text())
         if "confusion_matrix" in report:
             split = report_file.stem.removeprefix("eval_")

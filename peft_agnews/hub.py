@@ -12,6 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
+from peft_agnews.files import OUTPUT_MARKER
+
 # A Hub repository id: `name` or `owner/name` (letters, digits, `-`, `_`, `.`).
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -46,10 +48,12 @@ def base_license(name_or_path: str) -> str | None:
 
 
 def push(folder: Path, repo_id: str, private: bool | None = None, commit_message: str = "Upload from peft-agnews") -> str:
-    """Create (or reuse) the Hub repository `repo_id` and upload `folder` as one commit; returns its URL."""
+    """Create (or reuse) the Hub repository `repo_id` and upload `folder` as one commit (without the marker of the
+    command that wrote it, `files.OUTPUT_MARKER`); returns its URL."""
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                      ignore_patterns=[OUTPUT_MARKER])
     url = f"https://huggingface.co/{repo_id}"
     print(f"pushed {folder} to {url}")
     return url

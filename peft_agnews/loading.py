@@ -21,8 +21,9 @@ from transformers.utils import logging as hf_logging
 from peft_agnews.config import MULTI_LABEL, LogLevel, option, shared_option_problems, training_option
 from peft_agnews.errors import UsageError, first_line
 from peft_agnews.artifacts import LABELS_FILE, read_label_names, read_multi_label_threshold
-from peft_agnews.files import check_writable
-from peft_agnews.model import load_classification_model, load_pretrained_tokenizer, read_head_choice, replace_head
+from peft_agnews.model import (
+    check_max_length, load_classification_model, load_pretrained_tokenizer, read_head_choice, replace_head,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,6 +47,7 @@ class ModelArgs:
         "run's, saved in labels.json, else 0.5).",
     )
     log_level: LogLevel = training_option("log_level")
+    trust_remote_code: bool = training_option("trust_remote_code")
 
     def __post_init__(self) -> None:
         if not self.adapter_dir and not self.model_name_or_path:
@@ -92,20 +94,34 @@ def _saved_threshold(folder: Path) -> float | None:
 
 
 def _load_merged(args: ModelArgs) -> Classifier:
-    model = _from_pretrained(args.model_name_or_path, "--model_name_or_path")
+    model = _from_pretrained(args.model_name_or_path, "--model_name_or_path", args.trust_remote_code)
+    check_max_length(model.config, args.max_length, args.model_name_or_path)
     names = args.label_names or [model.config.id2label[i] for i in range(model.config.num_labels)]
     if len(names) != model.config.num_labels:
         raise UsageError(
             f"{len(names)} label names given but {args.model_name_or_path} has {model.config.num_labels} outputs; "
             "pass one name per class to --label_names"
         )
-    tokenizer = load_pretrained_tokenizer(args.model_name_or_path, "--model_name_or_path")
+    tokenizer = load_pretrained_tokenizer(args.model_name_or_path, "--model_name_or_path", args.trust_remote_code)
     threshold = None
     if model.config.problem_type == MULTI_LABEL:
         saved = Path(args.model_name_or_path)
         threshold = (_saved_threshold(saved) if saved.is_dir() else None) or 0.5
     return Classifier(model.eval(), tokenizer, list(names), base_model=args.model_name_or_path,
                       multi_label_threshold=threshold)
+
+
+def model_inputs(args: ModelArgs) -> list[tuple[str, str | None]]:
+    """What loading the classifier reads from disk, as (option, path): a command writes into none of them."""
+    inputs = [("--adapter_dir", args.adapter_dir), ("--model_name_or_path", args.model_name_or_path)]
+    if args.adapter_dir and not args.model_name_or_path:
+        config = Path(args.adapter_dir) / ADAPTER_CONFIG
+        try:
+            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None  # a damaged config is reported when the adapter is loaded
+        inputs.append((f"(the base model named in {config})", base if isinstance(base, str) else None))
+    return inputs
 
 
 def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
@@ -126,12 +142,14 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
     base = _from_pretrained(
         base_name,
         "--model_name_or_path" if args.model_name_or_path else f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}",
+        args.trust_remote_code,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
         **({"problem_type": MULTI_LABEL} if threshold is not None else {}),
         **revision,
     )
+    check_max_length(base.config, args.max_length, base_name)
     # A head other than the base class's own (recorded in head.json by training) must be built before loading.
     replace_head(base, read_head_choice(adapter_dir))
     check_adapter_fits(base, adapter_dir, base_name, trained_on, len(names))
@@ -142,8 +160,8 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:  # not foreseen above: keep PEFT's first line
         raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {first_line(err)}") from None
-    return Classifier(model.eval(), load_pretrained_tokenizer(adapter_dir, "--adapter_dir"), list(names),
-                      base_model=base_name, multi_label_threshold=threshold)
+    tokenizer = load_pretrained_tokenizer(adapter_dir, "--adapter_dir", args.trust_remote_code)
+    return Classifier(model.eval(), tokenizer, list(names), base_model=base_name, multi_label_threshold=threshold)
 
 
 def damaged(file: Path, detail: str) -> UsageError:
@@ -226,21 +244,11 @@ def check_adapter_fits(
         )
 
 
-def _from_pretrained(name: str, flag: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(name: str, flag: str, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
     verbosity = hf_logging.get_verbosity()
     if kwargs:  # a base for an adapter: its load report would list the head as missing, which the adapter supplies
         hf_logging.set_verbosity_error()
     try:
-        return load_classification_model(name, flag, **kwargs)
+        return load_classification_model(name, flag, trust_remote_code, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def check_output_path(path: Path, overwrite: bool, folder: bool = False) -> None:
-    """Refuse to replace an existing output unless asked, and an output location that cannot be written (checked
-    before any scoring); outputs are then written via a temp path + rename (see `files.atomic_write`)."""
-    if path.exists() and path.is_dir() != folder:
-        raise UsageError(f"{path} exists and is not a {'folder' if folder else 'file'}; choose another path")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} already exists; choose another path or pass --overwrite")
-    check_writable(path.parent, "output path")

@@ -103,6 +103,12 @@ def step_health(accelerator: Accelerator, model: torch.nn.Module, loss_sum: torc
     return flags[0] == 0, flags[1] == 0, flags[2] > 0
 
 
+def stop_agreed(accelerator: Accelerator, stop: StopSignal) -> bool:
+    """Whether any process received a stop signal (a collective: every process calls it at the same point)."""
+    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_step: int) -> NonFiniteError:
     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
     return NonFiniteError(

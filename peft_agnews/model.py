@@ -15,6 +15,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -33,15 +34,11 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     A model folder without tokenizer files still "loads": transformers builds a tokenizer of the special tokens
     alone, every text becomes `<s></s>`, and the run trains on nothing; that is refused here.
     """
-    try:
-        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path, **hub_options(cfg)).vocab_size
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"could not load model '{cfg.model_name_or_path}' ({first_line(err)}); check --model_name_or_path"
-        ) from None
+    vocab_size = load_model_config(cfg.model_name_or_path, "--model_name_or_path", cfg.trust_remote_code,
+                                   **hub_options(cfg)).vocab_size
     name = cfg.tokenizer_name or cfg.model_name_or_path
     flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path (or pass --tokenizer_name)"
-    tokenizer = load_pretrained_tokenizer(name, flag, **hub_options(cfg))
+    tokenizer = load_pretrained_tokenizer(name, flag, cfg.trust_remote_code, **hub_options(cfg))
     # Vocabularies padded to a multiple of 8/64 are a little larger than their tokenizers, never twice as large.
     if vocab_size and len(tokenizer) * 2 < vocab_size:
         raise UsageError(
@@ -58,22 +55,43 @@ def hub_options(cfg: TrainConfig) -> dict:
     return {"revision": cfg.model_revision, "token": cfg.token, "cache_dir": cfg.cache_dir}
 
 
-def load_pretrained_tokenizer(name: str | Path, flag: str, **kwargs) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name, **kwargs)`, a load failure a UsageError naming `flag` (what named the
-    folder)."""
+def load_error(what: str, name: str | Path, err: Exception, flag: str) -> UsageError:
+    """A failed transformers load as one line: a model that needs its own code names --trust_remote_code."""
+    if "trust_remote_code" in str(err):
+        return UsageError(
+            f"{what} '{name}' needs its own Python code to load (an auto_map naming .py files in its folder or "
+            "repository); peft-agnews runs no code from a model unless you pass --trust_remote_code true, which "
+            "runs that code: pass it only for a source you trust"
+        )
+    return UsageError(f"could not load {what} '{name}' ({first_line(err)}); check {flag}")
+
+
+def load_model_config(name: str, flag: str, trust_remote_code: bool = False, **kwargs) -> PretrainedConfig:
+    """`AutoConfig.from_pretrained(name, **kwargs)`, running no code of the model's own unless `trust_remote_code`;
+    a load failure is a UsageError naming `flag`."""
     try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
-        raise UsageError(f"could not load tokenizer '{name}' ({first_line(err)}); check {flag}") from None
+        raise load_error("model", name, err, flag) from None
 
 
-def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel:
-    """`AutoModelForSequenceClassification.from_pretrained(name, **kwargs)`, every load failure a UsageError
-    naming `flag` (the option or file that named the model)."""
+def load_pretrained_tokenizer(name: str | Path, flag: str, trust_remote_code: bool = False,
+                              **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name, **kwargs)` (no code of the model's own unless `trust_remote_code`), a
+    load failure a UsageError naming `flag` (what named the folder)."""
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise load_error("tokenizer", name, err, flag) from None
+
+
+def load_classification_model(name: str, flag: str, trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+    """`AutoModelForSequenceClassification.from_pretrained(name, **kwargs)` (no code of the model's own unless
+    `trust_remote_code`), every load failure a UsageError naming `flag` (the option or file that named the model)."""
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
-        raise UsageError(f"could not load model '{name}' ({first_line(err)}); check {flag}") from None
+        raise load_error("model", name, err, flag) from None
     except RuntimeError as err:
         if "mismatch" not in str(err):
             raise
@@ -94,6 +112,7 @@ def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
     return load_classification_model(
         cfg.model_name_or_path,
         "--model_name_or_path",
+        trust_remote_code=cfg.trust_remote_code,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -101,6 +120,30 @@ def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
         **problem,
         **hub_options(cfg),
     )
+
+
+# Models whose position ids start after the padding id (RoBERTa's scheme): pad_token_id + 1 positions are unusable.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                            "data2vec-text", "longformer", "ibert", "mpnet")
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The most tokens the model's absolute position embeddings can index (None: no such table, e.g. relative
+    positions only); a longer input fails inside the embeddings with an index error."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0 or getattr(config, "position_biased_input", True) is False:
+        return None
+    if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def check_max_length(config: PretrainedConfig, max_length: int, name: str) -> None:
+    """A UsageError when --max_length is above what the model can read (see `position_limit`)."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"--max_length {max_length} is more than model '{name}' can read ({limit} token positions); "
+                         f"pass --max_length {limit} or less")
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

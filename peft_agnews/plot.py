@@ -13,7 +13,8 @@ from pathlib import Path
 from peft_agnews.cli import parse_args
 from peft_agnews.config import option
 from peft_agnews.errors import UsageError, run_command
-from peft_agnews.figures import write_run_plots
+from peft_agnews.figures import CURVES_FILE, read_metrics, write_run_plots
+from peft_agnews.files import check_output_file
 
 
 @dataclass
@@ -27,7 +28,14 @@ class PlotArgs:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     (args,) = parse_args((PlotArgs,), argv, description=__doc__.splitlines()[0])
-    written = write_run_plots(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    read_metrics(run_dir / "metrics.jsonl")  # a folder that is no run is refused before anything else
+    # Redrawing is this command's job, so its figures are replaced; each is checked before any drawing.
+    reports = sorted(run_dir.glob("eval_*.json"))
+    inputs = [("--run_dir", run_dir / "metrics.jsonl"), *(("--run_dir", report) for report in reports)]
+    for figure in (run_dir / CURVES_FILE, *(report.with_suffix(".png") for report in reports)):
+        check_output_file(figure, "--run_dir", overwrite=True, inputs=inputs)
+    written = write_run_plots(run_dir)
     print("\n".join(f"wrote {path}" for path in written))
     return written
 

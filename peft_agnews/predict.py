@@ -22,13 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from peft_agnews.cli import parse_args
-from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, read_table
+from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, is_blank, read_table
 from peft_agnews.labels import non_string_text
 from peft_agnews.errors import UsageError, first_line, run_command
-from peft_agnews.files import atomic_write
+from peft_agnews.files import atomic_write, check_output_file
 from peft_agnews.config import label_separator_problems, option, training_option
 from peft_agnews.console import log_level
-from peft_agnews.loading import Classifier, ModelArgs, check_output_path, load_classifier
+from peft_agnews.loading import Classifier, ModelArgs, load_classifier, model_inputs
 from peft_agnews.metrics import multi_label_predictions
 from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
@@ -77,7 +77,7 @@ def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
     for row, text in enumerate(texts):
         if text is not None and not isinstance(text, str) and not (isinstance(text, float) and math.isnan(text)):
             raise UsageError(f"{path}: {non_string_text(row, text)}; every text must be a string")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or is_blank(text):
             raise UsageError(f"{path}: row {row + 1} has empty or missing text; remove or fill that row")
     ids = frame[args.id_column].tolist() if args.id_column in frame.columns else list(range(len(frame)))
     return ids, texts
@@ -132,9 +132,10 @@ def predictions_frame(ids: list, logits, classifier: Classifier, args: PredictAr
     return out
 
 
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write via a temporary file and a rename: the CSV appears complete or not at all."""
-    with atomic_write(path) as handle:
+def write_csv(frame: pd.DataFrame, path: Path, exclusive: bool = False) -> None:
+    """Write via a temporary file and a rename: the CSV appears complete or not at all (`exclusive`: fail rather
+    than replace a file another command created meanwhile)."""
+    with atomic_write(path, exclusive=exclusive) as handle:
         frame.to_csv(handle, index=False)
 
 
@@ -147,14 +148,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 def predict(model_args: ModelArgs, args: PredictArgs) -> pd.DataFrame:
     """Classify --input_file and write --output_file (main process); every process returns the table."""
     output = Path(args.output_file)
-    check_output_path(output, args.overwrite)
+    check_input_file(Path(args.input_file), "--input_file")  # a missing input or a folder: named as such first
+    check_output_file(output, "--output_file", args.overwrite, [*model_inputs(model_args), ("--input_file", args.input_file)])
     ids, texts = read_unlabelled(args)
     classifier = load_classifier(model_args)
     with accelerator_session(model_args.num_threads) as accelerator:
         logits, _ = score_texts(classifier, texts, None, accelerator, model_args, progress="predict")
         frame = predictions_frame(ids, logits, classifier, args)
         if accelerator.is_main_process:
-            write_csv(frame, output)
+            write_csv(frame, output, exclusive=not args.overwrite)
             print(f"wrote {len(frame)} predictions to {output}")
         accelerator.wait_for_everyone()
     return frame

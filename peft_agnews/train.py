@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from datasets import DatasetDict
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -40,14 +40,14 @@ from peft_agnews.checkpointing import (
     load_adapter_weights,
     read_state,
     resolve_checkpoint,
+    step_of,
     with_older_hint,
 )
-from peft_agnews.config import TrainConfig, mask_secret_arguments, parse_config
+from peft_agnews.config import RESOLVED_OPTIONS, TrainConfig, mask_secret_arguments, parse_config
 from peft_agnews.console import log_level, logger as log, progress_bar
-from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
+from peft_agnews.data import classes_missing_from_training, fingerprint_rows, load_splits_and_validation_source
 from peft_agnews.labels import class_names
 from peft_agnews.errors import TrainingInterrupted, UsageError, first_line, run_command
-from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
 from peft_agnews.hub import push
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
@@ -56,7 +56,7 @@ from peft_agnews.scoring import predict_logits, score_split
 from peft_agnews import speed
 from peft_agnews.artifacts import save_adapter, write_adapter_companions, write_json
 from peft_agnews.loop_state import (
-    StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
+    StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_agreed, stop_when_launcher_dies,
 )
 from peft_agnews.figures import write_run_plots
 from peft_agnews.model_card import write_adapter_card
@@ -68,21 +68,22 @@ from peft_agnews.model import (
     targets_without_lora,
     check_gradient_flow,
     count_parameters,
+    check_max_length,
+    hub_options,
     load_base_model,
+    load_model_config,
     load_tokenizer,
     optimizer_param_groups,
 )
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, evaluates_at, make_optimizer, make_scheduler, saves_at
+from peft_agnews.run_folder import RESULTS_FILE, check_output_dir, lock_output_dir, start_writing
 from peft_agnews.trackers import report_to_notes, resolve_trackers, tensorboard_dir
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
-VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws every eval_<split>.json
-# How long a resuming run waits for the output folder's previous holder to exit (a requeued SLURM job can start
-# while the preempted one is still writing its stop checkpoint); a fresh run is refused at once.
-RESUME_LOCK_WAIT_SECONDS = 180
+VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws eval_<split>.json as eval_<split>.png
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:
@@ -109,57 +110,25 @@ def use_lora_wrap_policy(accelerator: Accelerator, model: torch.nn.Module) -> No
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / "results.json").exists() and not cfg.overwrite_output_dir:
-        raise UsageError(
-            f"{out} already holds a finished run (results.json); choose another --output_dir "
-            "or pass --overwrite_output_dir true"
-        )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} exists and is not a folder; choose another path")
-    # A fresh run writes adapter/, metrics.jsonl, run_config.json, ...: never over files it did not write.
-    # (An earlier run's checkpoints get their own message from resolve_checkpoint.)
-    existing = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, "checkpoints")) if out.is_dir() else []
-    if existing and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-        raise UsageError(
-            f"--output_dir {out} is not empty ({shown}); choose a new or empty folder, continue its run with "
-            "--resume_from_checkpoint latest, or pass --overwrite_output_dir true (replaces what a run writes there)"
-        )
-    return out
-
-
-def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
-    """One run per output folder: the main process takes the lock (waiting a while when resuming); every process
-    learns whether it got it."""
-    lock = OutputLock(Path(cfg.output_dir))
-    error = None
-    if accelerator.is_main_process:
-        try:
-            wait = RESUME_LOCK_WAIT_SECONDS if cfg.resume_from_checkpoint else 0
-            lock.acquire(wait_seconds=wait, say=accelerator.print)
-        except UsageError as err:
-            error = str(err)
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise UsageError(error)
-    return lock
-
-
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
-    with log_level(cfg.log_level), accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
-        # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
-        cfg = cfg.for_processes(accelerator.num_processes)
-        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        lock = None if cfg.dry_run else lock_output_dir(cfg, accelerator)  # a dry run writes nothing
-        try:
-            return _run(cfg, accelerator)
-        finally:
-            if lock is not None:
-                lock.release()
+    with log_level(cfg.log_level):
+        session_options = accelerator_options(cfg)  # the trackers and precision, refused first when unusable
+        # Before anything is created: the model's config (its own code refused unless --trust_remote_code), and
+        # --max_length against its position table (a longer input would fail mid-training).
+        model_config = load_model_config(cfg.model_name_or_path, "--model_name_or_path", cfg.trust_remote_code,
+                                         **hub_options(cfg))
+        check_max_length(model_config, cfg.max_length, cfg.model_name_or_path)
+        with accelerator_session(cfg.num_threads, **session_options) as accelerator:
+            # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
+            cfg = cfg.for_processes(accelerator.num_processes)
+            accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+            lock = None if cfg.dry_run else lock_output_dir(cfg, accelerator)  # a dry run writes nothing
+            try:
+                return _run(cfg, accelerator)
+            finally:
+                if lock is not None:
+                    lock.release()
 
 
 @dataclass
@@ -206,6 +175,7 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     if cfg.dry_run:
         describe_trainable(cfg, built, accelerator)
         return None
+    start_writing(out, fresh=resume_from is None, accelerator=accelerator)  # data and model are good: now write
     optim = build_optimisation(cfg, data, built, accelerator, out)
     # Each checkpoint is also a plain adapter: PEFT's files plus the tokenizer, labels.json and head.json.
     companions = partial(write_adapter_companions, tokenizer=data.tokenizer, label_names=cfg.label_names,
@@ -217,10 +187,10 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
     logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_ids, resumed=resume_from is not None)
     started = time.perf_counter()
-    with StopSignal() as stop:
+    with StopSignal() as stop:  # also over the final evaluation: a signal there stops with a checkpoint too
         fit(cfg, built.plan, accelerator, optim, logger, checkpointer, state, stop)
-    return finish(cfg, data, built, optim, accelerator, logger, state, out,
-                  runtime=time.perf_counter() - started, wall_start=wall_start)
+        return finish(cfg, data, built, optim, accelerator, logger, state, out,
+                      runtime=time.perf_counter() - started, wall_start=wall_start, stop=stop, checkpointer=checkpointer)
 
 
 def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, dict[str, str]]:
@@ -247,6 +217,10 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
     # The class names are known now (--label_names, else the dataset's ClassLabel names).
     cfg = replace(cfg, label_names=class_names(splits["train"].features["label"]))
+    for split, classes in classes_missing_from_training(splits).items():
+        if accelerator.is_main_process:
+            print(f"warning: class(es) {classes} appear in the {split} rows but in no training row: the model cannot "
+                  "learn them; add training rows of those classes", file=sys.stderr)
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
     return Data(cfg, tokenizer, splits, tokenized, loaders, validation_source)
 
@@ -303,7 +277,11 @@ def run_shape(cfg: TrainConfig, data: Data, built: Built) -> dict:
     (not just their count), and every option that changes the math."""
     fingerprints = {f"{name}{FINGERPRINT_SUFFIX}": fingerprint_rows(data.splits[name]["text"], data.splits[name]["label"])
                     for name in ("train", "validation")}
-    return {**built.plan.shape(cfg), **fingerprints, OPTIONS_KEY: cfg.resume_critical()}
+    # Compared as resolved here ('auto' -> bf16, sdpa, ...): the same math under another spelling resumes.
+    resolved = {"mixed_precision": built.plan.mixed_precision,
+                "attn_implementation": built.model.get_base_model().config._attn_implementation}
+    options = {**cfg.resume_critical(), **{name: resolved[name] for name in RESOLVED_OPTIONS}}
+    return {**built.plan.shape(cfg), **fingerprints, OPTIONS_KEY: options}
 
 
 def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path, state: TrainState,
@@ -322,12 +300,15 @@ def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accel
 
 
 def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, accelerator: Accelerator,
-           logger: RunLogger, state: TrainState, out: Path, runtime: float, wall_start: float) -> dict:
+           logger: RunLogger, state: TrainState, out: Path, runtime: float, wall_start: float,
+           stop: StopSignal, checkpointer: Checkpointer) -> dict:
     """The best weights back into the model, the test split, the misclassified table, then (main process) the
-    adapter, the report and card, the tracker summary and results.json, last."""
+    adapter, the report and card, the tracker summary and results.json, last. A stop signal received by then
+    stops the run as in the loop (checkpoint, exit 75) before anything is written."""
     model, plan = optim.model, built.plan
     # The deliverable is the best adapter, not the last one.
     unwrapped = accelerator.unwrap_model(model)
+    last_weights = adapter_weights(unwrapped)
     load_adapter_weights(unwrapped, state.best_weights)
     results = {
         "trainable_params": built.trainable_params,
@@ -347,16 +328,19 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         "mixed_precision": plan.mixed_precision,
         "num_threads": plan.num_threads,
     }
-    if "test" in data.loaders:
-        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names),
-                           cfg.multi_label_threshold)
-        scores = ("accuracy", "f1_macro", "loss") + (("f1_micro",) if cfg.multi_label else ())
-        results.update({f"test_{key}": test[key] for key in scores} | {"test_examples": test["num_examples"]})
-        logger.log_evaluation("test", test, cfg.label_names, step=state.step)
+    test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names),
+                       cfg.multi_label_threshold) if "test" in data.loaders else None
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
     # A resumed run whose best step came before the interruption scores the restored best weights once more.
     if state.best_predictions is None:
         state.best_predictions = predict_logits(model, optim.val_loader, accelerator)
+    if stop_agreed(accelerator, stop):
+        load_adapter_weights(unwrapped, last_weights)  # a checkpoint holds the last step's weights, as in the loop
+        raise stopped_after_training(stop, checkpointer, state)
+    if test is not None:
+        scores = ("accuracy", "f1_macro", "loss") + (("f1_micro",) if cfg.multi_label else ())
+        results.update({f"test_{key}": test[key] for key in scores} | {"test_examples": test["num_examples"]})
+        logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     validation = {**classification_report(*state.best_predictions, cfg.label_names, cfg.multi_label_threshold),
                   "source": data.validation_source}
     if accelerator.is_main_process:
@@ -374,10 +358,10 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
                      classifier_head=cfg.classifier_head,
                      multi_label_threshold=cfg.multi_label_threshold if cfg.multi_label else None)
         write_json(out / VALIDATION_REPORT, validation)
-        write_run_plots(out)
+        write_run_plots(out, reports=[VALIDATION_REPORT])  # not the eval_*.json other commands put there
         write_adapter_card(out / "adapter", cfg, results, validation)
         logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()}, step=state.step)
-        write_json(out / "results.json", results)  # last: its presence marks a finished run
+        write_json(out / RESULTS_FILE, results)  # last: its presence marks a finished run
         if cfg.push_to_hub:
             push_adapter(cfg, out / "adapter")
     log.info(f"best validation {cfg.metric_for_best_model} {state.best_metric:.4f} at step {state.best_step}; "
@@ -397,6 +381,18 @@ def push_adapter(cfg: TrainConfig, adapter_dir: Path) -> None:
             f"later with peft-agnews export --adapter_dir {adapter_dir} --output_dir <folder> --push_to_hub "
             f"--hub_model_id {cfg.hub_model_id}"
         ) from None
+
+
+def stopped_after_training(stop: StopSignal, checkpointer: Checkpointer, state: TrainState) -> TrainingInterrupted:
+    """A stop signal during the final evaluation: the finished training's checkpoint (written now unless the last
+    step has one), and the note the command exits 75 with. Resuming redoes only the final evaluation."""
+    last = checkpointer.last_saved  # the checkpoint resumed from may lie in another folder, where latest looks not
+    if last is None or last.parent != checkpointer.folder or step_of(last) != state.step:
+        last = checkpointer.save(state.step, state.counters(), state.best_weights)
+    return TrainingInterrupted(
+        f"stopped by {stop.received or 'a signal on another process'} during the final evaluation (training had "
+        f"finished at step {state.step}); checkpoint {last}; finish with --resume_from_checkpoint latest"
+    )
 
 
 @contextmanager
@@ -513,7 +509,10 @@ def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.M
     """Score the validation split, log it, and keep the weights and predictions when --metric_for_best_model is the
     best so far (returned: whether it is)."""
     started = time.perf_counter()
-    logits, labels = predict_logits(model, val_loader, accelerator)
+    # Starting the loader's iterator draws a seed from torch's global generator, which every later dropout mask
+    # comes from: an evaluation must leave it as it was, or how often the run evaluates changes the weights.
+    with torch.random.fork_rng(devices=[]):
+        logits, labels = predict_logits(model, val_loader, accelerator)
     metrics = classification_metrics(logits, labels, len(cfg.label_names), cfg.multi_label_threshold)
     metrics["samples_per_second"] = metrics["num_examples"] / (time.perf_counter() - started)
     logger.log_evaluation("eval", metrics, cfg.label_names, step=state.step)

@@ -7,8 +7,10 @@ per epoch on one process (the 14th step has a single micro-batch), 7 per epoch o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -20,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_train_args
+from conftest import REPO, run_cli, tiny_train_args
+from peft_agnews import checkpointing
 from peft_agnews.checkpointing import MARKER, resolve_checkpoint
 from peft_agnews.errors import EXIT_INTERRUPTED
 from peft_agnews.train import cli
@@ -55,6 +58,12 @@ def assert_same_run(out: Path, reference: Path) -> None:
 def error_lines(capsys) -> list[str]:
     """The `error:` lines on stderr (a run stopped mid-training prints its error after the unfinished progress bar)."""
     return [line[line.index("error:"):] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+def record_checksums(checkpoint: Path) -> None:
+    """Record the checkpoint's files as they are now in its COMPLETE marker (as written)."""
+    digests = {f.name: checkpointing.file_sha256(f) for f in checkpoint.iterdir() if f.name != MARKER}
+    (checkpoint / MARKER).write_text(json.dumps({"sha256": digests}))
 
 
 def counters(checkpoint: Path) -> dict:
@@ -265,6 +274,7 @@ def test_trainer_state_with_wrong_types_is_a_clear_error(reference, tiny_model_d
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state["counters"]["step"] = "five"
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    record_checksums(checkpoint)  # as a buggy writer would have: the types are checked even when the bytes match
     assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path / "out", resume_from_checkpoint=checkpoint)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: checkpoint file {checkpoint / 'trainer_state.json'}") and "counter step is 'five'" in err
@@ -290,6 +300,7 @@ def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(reference, ti
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     del state["best_weights"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / MARKER).write_text("")  # as those versions wrote it: no checksums
     assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path / "out", resume_from_checkpoint=checkpoint)) == 2
     (err,) = error_lines(capsys)
     assert f"checkpoint {checkpoint} was written by an earlier version of peft-agnews" in err, err
@@ -481,3 +492,297 @@ def test_resume_continues_the_metrics_log_and_the_same_wandb_run(tiny_model_dir,
     runs = sorted((stopped / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
     assert counters(stopped / "checkpoints" / "step_15")["tracker_run_id"] == runs[0].name.rsplit("-", 1)[1]
+
+
+# --- damaged state is never trusted -----------------------------------------------------------------------------
+
+def flip_a_bit_near_the_end(file: Path) -> None:
+    """A bit flip inside the tensor data: the file still loads, with one wrong weight."""
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_checkpoints_record_the_sha256_of_every_file(reference):
+    """Every file: the adapter, the hard-linked tokenizer files, best.safetensors when there is one, the resume state."""
+    with_best = 0
+    for checkpoint in sorted((reference / "checkpoints").iterdir()):
+        recorded = json.loads((checkpoint / MARKER).read_text())["sha256"]
+        assert set(recorded) == {p.name for p in checkpoint.iterdir()} - {MARKER}
+        assert {"adapter_model.safetensors", "tokenizer.json", "optimizer.bin"} <= set(recorded)
+        for name, digest in recorded.items():
+            assert digest == checkpointing.file_sha256(checkpoint / name), (checkpoint.name, name)
+        with_best += "best.safetensors" in recorded
+    assert with_best, "some checkpoint keeps an older best step's weights"
+
+
+@pytest.mark.slow
+def test_a_bit_flip_in_the_newest_checkpoints_weights_names_it_and_the_older_one(reference, tiny_model_dir,
+                                                                                 synthetic_train_csv, tmp_path):
+    """A bit flip in the adapter's weights resumed silently with a wrong weight."""
+    out = tmp_path / "out"
+    for step in (4, 5):
+        shutil.copytree(reference / "checkpoints" / f"step_{step}", out / "checkpoints" / f"step_{step}")
+    damaged = out / "checkpoints" / "step_5" / "adapter_model.safetensors"
+    flip_a_bit_near_the_end(damaged)
+    load_file(damaged)  # still a readable safetensors file
+    proc = run_cli([sys.executable, "-m", "peft_agnews.train",
+                    *args(tiny_model_dir, synthetic_train_csv, out, resume_from_checkpoint="latest")])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (err,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert err.startswith(f"error: checkpoint file {damaged} is missing or corrupt (its sha256 differs"), err
+    assert f"pass the older {out / 'checkpoints' / 'step_4'} instead" in err, err
+    assert not (out / "results.json").exists()
+
+
+# --- the resumable options: each one changed on resume moves no weight, with dropout on ----------------------------
+
+DROPOUT_ON = {"dropout_generator": "pcg64", "lora_dropout": 0.2, "model_dropout": 0.1}
+CACHE = {"lora_layers": "top1", "model_dropout": 0.0}  # the cache needs dropout off below the trained layer
+# A dataset whose README names its splits (as a Hub dataset's may): train/train_copy and dev/dev_copy name the same
+# rows, final other rows (see resume_files).
+NAMED_SPLITS = {"train_file": None, "dataset_name": "<named>", "text_column_names": ["title", "description"],
+                "label_column_name": "topic", "validation_split_name": "dev", "test_split_name": "final"}
+# option -> (its value on resume, the options of the run resumed from); "<copy>" is the run's file at another path.
+CHANGED_ON_RESUME = {
+    "train_file": ("<copy>", {}),
+    "validation_file": ("<copy>", {"validation_file": "<validation>"}),
+    "dataset_name": ("<copy>", {"train_file": None, "dataset_name": "<dataset>", "text_column_names": ["title", "description"],
+                                "label_column_name": "topic", "evaluate_test_split": "false"}),
+    "test_file": ("<test>", {}),
+    "evaluate_test_split": ("false", {"train_file": None, "dataset_name": "<dataset>",
+                                      "text_column_names": ["title", "description"], "label_column_name": "topic"}),
+    "per_device_eval_batch_size": ("7", {}),
+    "eval_steps": ("2", {}),
+    "save_steps": ("2", {}),
+    "logging_steps": ("1", {}),
+    "save_total_limit": ("1", {}),
+    "early_stopping_patience": ("50", {}),
+    "overwrite_output_dir": ("true", {}),
+    "max_trainable_params": ("5000", {}),
+    "gradient_checkpointing": ("false", {}),
+    "cast_frozen_weights": ("false", {"mixed_precision": "bf16"}),
+    "trust_remote_code": ("true", {}),
+    "num_threads": ("1", {"num_threads": 2}),
+    "frozen_prefix": ("false", {"lora_layers": "top1"}),
+    "cache_frozen_prefix": ("true", CACHE),
+    "frozen_prefix_cache_max_gb": ("0.5", {**CACHE, "cache_frozen_prefix": "true"}),
+    "report_to": ("wandb", {}),
+    "wandb_mode": ("offline", {"report_to": "wandb", "wandb_mode": "disabled"}),
+    "license": ("apache-2.0", {}),
+    "eval_strategy": ("no", {}),
+    "save_strategy": ("epoch", {}),
+    "train_split_name": ("train_copy", NAMED_SPLITS),
+    "validation_split_name": ("dev_copy", NAMED_SPLITS),
+    "test_split_name": ("dev", NAMED_SPLITS),
+    "dataloader_num_workers": ("1", {}),
+    "dataloader_pin_memory": ("false", {}),
+    "log_level": ("warning", {}),
+    "token": ("hf_not_a_real_token", {}),
+    "cache_dir": ("<cache>", {}),
+}
+# Resumable, but not changed above: every resume passes another --output_dir and --resume_from_checkpoint than
+# the run it continues; --dry_run trains nothing; the tracker labels only name a run (--report_to is exercised);
+# the Hub options act only once training has finished (tests/test_hub.py), and no Hub is reachable here.
+NOT_CHANGED = {"output_dir", "resume_from_checkpoint", "dry_run", "wandb_project", "wandb_entity", "wandb_group",
+               "wandb_tags", "run_name", "push_to_hub", "hub_model_id", "hub_private_repo"}
+RESUME_AT, RESUME_STEPS = 3, 6
+
+
+def resume_args(model_dir: Path, train_csv: Path, out: Path, **overrides) -> list[str]:
+    options = {"max_train_steps": RESUME_STEPS, "eval_steps": 3, "save_steps": 1, "save_total_limit": 0,
+               **DROPOUT_ON, **overrides}
+    return tiny_train_args(model_dir, options.pop("train_file", train_csv), out, **options)
+
+
+@pytest.fixture(scope="module")
+def resume_files(synthetic_train_csv, synthetic_test_csv, hub_style_dataset, tmp_path_factory) -> dict[str, Path]:
+    from conftest import synthetic_rows, write_canonical_csv, write_hub_style_dataset
+
+    folder = tmp_path_factory.mktemp("resume-files")
+    validation = write_canonical_csv(folder / "validation.csv", synthetic_rows(64, seed=21))
+    named = write_hub_style_dataset(folder / "named", {"train": 480, "dev": 60, "final": 100})
+    splits = {"train": "train", "train_copy": "train", "dev": "dev", "dev_copy": "dev", "final": "final"}
+    (named / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(
+        f"  - split: {split}\n    path: {file}.parquet\n" for split, file in splits.items()) + "---\n")
+    files = {"<validation>": validation, "<dataset>": hub_style_dataset, "<test>": synthetic_test_csv,
+             "<named>": named, "<cache>": folder / "hf-cache"}
+    for option, source in (("train_file", synthetic_train_csv), ("validation_file", validation),
+                           ("dataset_name", hub_style_dataset)):
+        target = folder / "copies" / option / source.name  # the same rows at another path
+        target.parent.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+        files[f"<copy>{option}"] = target
+    return files
+
+
+def resolve(value, files: dict[str, Path], option: str = ""):
+    """A CHANGED_ON_RESUME value with its placeholder ("<copy>", "<test>", ...) replaced by the file."""
+    if not isinstance(value, str):
+        return value
+    return files.get(f"{value}{option}", files.get(value, value))
+
+
+@pytest.fixture(scope="module")
+def resumed_from(tiny_model_dir, synthetic_train_csv, resume_files, tmp_path_factory):
+    """The uninterrupted run for a set of options (built once per set): checkpoints at every step."""
+    runs: dict[str, Path] = {}
+
+    def reference_for(base: dict) -> Path:
+        key = json.dumps(base, sort_keys=True)
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("resume-reference")
+            options = {k: resolve(v, resume_files) for k, v in base.items()}
+            assert cli(resume_args(tiny_model_dir, synthetic_train_csv, runs[key], **options)) == 0
+        return runs[key]
+
+    return reference_for
+
+
+def final_trainable(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{RESUME_STEPS}" / "adapter_model.safetensors")
+
+
+def test_every_resumable_option_is_exercised():
+    from peft_agnews.config import RESUMABLE_OPTIONS
+
+    assert set(CHANGED_ON_RESUME) | NOT_CHANGED == set(RESUMABLE_OPTIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", sorted(CHANGED_ON_RESUME))
+def test_each_resumable_option_changed_on_resume_moves_no_weight(option, resumed_from, resume_files, tiny_model_dir,
+                                                                 synthetic_train_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    value, base = CHANGED_ON_RESUME[option]
+    reference = resumed_from(base)
+    options = {k: resolve(v, resume_files) for k, v in base.items()}
+    options[option] = resolve(value, resume_files, option)
+    argv = resume_args(tiny_model_dir, synthetic_train_csv, tmp_path / "resumed", **options,
+                       resume_from_checkpoint=reference / "checkpoints" / f"step_{RESUME_AT}")
+    assert cli(argv) == 0
+    assert max_diff(final_trainable(tmp_path / "resumed"), final_trainable(reference)) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, value", [("attn_implementation", "eager"), ("first_token_last_layer", "true")])
+def test_options_that_move_the_weights_with_dropout_on_are_refused_on_resume(
+    option, value, resumed_from, tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch, capsys
+):
+    """Both were listed as resumable: --attn_implementation moves where attention-dropout masks come from,
+    --first_token_last_layer draws fewer of them."""
+    reference = resumed_from({})
+    checkpoint = reference / "checkpoints" / f"step_{RESUME_AT}"
+    argv = resume_args(tiny_model_dir, synthetic_train_csv, tmp_path / "refused", resume_from_checkpoint=checkpoint,
+                       **{option: value})
+    assert cli(argv) == 2
+    assert f"--{option} " in capsys.readouterr().err
+    # Why: past the check, the resumed run ends with other weights than the uninterrupted one.
+    monkeypatch.setattr(checkpointing.Checkpointer, "_check_shape", lambda self, path, saved: None)
+    argv = resume_args(tiny_model_dir, synthetic_train_csv, tmp_path / "moved", resume_from_checkpoint=checkpoint,
+                       **{option: value})
+    assert cli(argv) == 0
+    assert max_diff(final_trainable(tmp_path / "moved"), final_trainable(reference)) > 1e-5
+
+
+def test_precision_is_compared_after_auto_is_resolved(tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch,
+                                                      capsys):
+    """`--mixed_precision auto` was refused against a checkpoint made with bf16 on a machine where auto is bf16."""
+    from peft_agnews import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)  # auto = bf16 here, whatever the CPU
+    first = tmp_path / "bf16"
+    options = {"max_train_steps": 4, "eval_steps": 2, "save_steps": 2}
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, first, mixed_precision="bf16", **options)) == 0
+    checkpoint = first / "checkpoints" / "step_2"
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "auto", mixed_precision="auto",
+                               resume_from_checkpoint=checkpoint, **options)) == 0
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "fp32", mixed_precision="no",
+                               resume_from_checkpoint=checkpoint, **options)) == 2
+    assert "mixed_precision=bf16 (now no)" in capsys.readouterr().err
+
+
+# --- one error line and exit 2, or the checkpoint-and-75 path -----------------------------------------------------
+
+@contextlib.contextmanager
+def disk_full_after(limit: int):
+    """Writes past `limit` bytes fail for real (EFBIG: RLIMIT_FSIZE, which Python keeps from killing it), as they
+    would on a full disk, inside whatever library is writing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_inside_safetensors_or_tokenizers_is_one_error_line(tiny_model_dir, synthetic_train_csv, tmp_path,
+                                                                        monkeypatch, capsys):
+    """safetensors' SafetensorError (a checkpoint) and tokenizers' bare Exception (the adapter's tokenizer) were
+    tracebacks with exit status 1."""
+    import peft.peft_model
+
+    import peft_agnews.train as train
+
+    real_save = peft.peft_model.safe_save_file  # what PEFT writes a checkpoint's adapter weights with
+
+    def save_on_a_full_disk(tensors, filename, *a, **kw):
+        with disk_full_after(100) if ".tmp-step_2" in str(filename) else contextlib.nullcontext():
+            return real_save(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_on_a_full_disk)
+    out = tmp_path / "checkpoint"
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, max_train_steps=4, save_steps=1)) == 2
+    (err,) = error_lines(capsys)
+    assert err.startswith(f"error: File too large: {out / 'checkpoints' / '.tmp-step_2'}; fix that, then continue "
+                          "with --resume_from_checkpoint latest"), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".tmp-step_2", "step_1"]
+    monkeypatch.undo()
+
+    real_load_tokenizer = train.load_tokenizer
+
+    def tokenizer_on_a_full_disk(cfg):
+        tokenizer = real_load_tokenizer(cfg)
+        real = tokenizer.save_pretrained
+
+        def save_pretrained(folder, *a, **kw):
+            with disk_full_after(2000):  # tokenizer.json (~3 KB) is written by the tokenizers library (Rust)
+                return real(folder, *a, **kw)
+
+        tokenizer.save_pretrained = save_pretrained
+        return tokenizer
+
+    monkeypatch.setattr(train, "load_tokenizer", tokenizer_on_a_full_disk)
+    out = tmp_path / "adapter"
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, max_train_steps=2, eval_steps=2)) == 2
+    (err,) = error_lines(capsys)
+    assert err.startswith("error: File too large: ") and ".adapter." in err, err
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    assert not list(out.glob(".adapter.*")), "the half-written adapter folder is removed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_final_test_scoring_checkpoints_and_exits_75(sig, tiny_model_dir, synthetic_train_csv,
+                                                                         synthetic_test_csv, tmp_path):
+    """SIGINT there was a KeyboardInterrupt traceback (130), SIGTERM a silent 143, and no checkpoint."""
+    argv = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path, max_train_steps=6, eval_steps=3,
+                           test_file=synthetic_test_csv)
+    driver = (f"import os, signal, sys\nimport peft_agnews.train as train\nreal = train.score_split\n"
+              f"def scoring(*a, **k):\n    os.kill(os.getpid(), signal.{sig})\n    return real(*a, **k)\n"
+              f"train.score_split = scoring\nsys.exit(train.cli(sys.argv[1:]))\n")
+    proc = run_cli([sys.executable, "-c", driver, *argv])
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"stopped by {sig} during the final evaluation (training had finished at step 6); checkpoint "
+            f"{tmp_path / 'checkpoints' / 'step_6'}; finish with --resume_from_checkpoint latest") in proc.stderr
+    assert (tmp_path / "checkpoints" / "step_6" / MARKER).is_file()
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "adapter").exists()
+    proc = run_cli([sys.executable, "-m", "peft_agnews.train", *argv, "--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["global_step"] == 6 and results["test_examples"] == 120
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("test/accuracy" in e for e in events) == 1, "the test split is logged once"

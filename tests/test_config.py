@@ -252,3 +252,54 @@ def test_help_strings_say_what_an_option_does_not_what_it_measured():
     measured = re.compile(r"\d(\.\d+)?x\b|\d\s?%|\bfaster\b|\bslower\b|BENCHMARKS|EXPERIMENTS")
     for f in dataclasses.fields(TrainConfig):
         assert not measured.search(f.metadata["help"]), f"--{f.name}: {f.metadata['help']}"
+
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """A list option whose anchors nest `levels` deep, each level `width` copies of the one below: a few hundred
+    bytes that expand to width ** levels strings."""
+    lists = ["&l0 [" + ", ".join(["q"] * width) + "]"]
+    lists += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "lora_target_modules: [" + ", ".join(lists) + "]\n"
+
+
+@pytest.mark.slow
+def test_a_yaml_alias_bomb_is_refused_cheaply_and_never_quoted_whole(tmp_path):
+    """A 7-level bomb (48 aliases) printed a 28 MB error message (8 levels: 250 MB); a deeper one exhausts memory."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_cli
+
+    (tmp_path / "bomb.yaml").write_text(alias_bomb(7))
+    proc = run_cli([sys.executable, "-m", "peft_agnews.train", "--config", str(tmp_path / "bomb.yaml"),
+                    "--train_file", "x.csv"], timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr) < 600, proc.stderr[:600]
+    assert proc.stderr.startswith(f"error: config file {tmp_path / 'bomb.yaml'}: lora_target_modules must be a value "
+                                  "or a list of values, got [['q', 'q', 'q', 'q', ...], [[...], ")
+
+
+def test_too_many_yaml_aliases_or_bytes_are_refused_before_expanding(tmp_path):
+    # Counted on the event stream: a deep bomb (alias_bomb(40): 9 ** 40 strings) never gets built. Shown here with
+    # flat aliases, which old code would expand harmlessly.
+    (tmp_path / "many.yaml").write_text("lora_target_modules: [&a query, " + ", ".join(["*a"] * 70) + "]\n")
+    with pytest.raises(UsageError, match=r"many.yaml uses 70 YAML aliases \(\*name\), over 64; write the values out"):
+        parse_config(["--config", str(tmp_path / "many.yaml"), "--train_file", "x.csv"])
+    # The deep bomb itself, in a process held to 1 GiB of memory (old code would expand it until killed).
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "deep.yaml").write_text(alias_bomb(40))
+    driver = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY))\n"
+              "from peft_agnews.config import parse_config\nparse_config(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", driver, "--config", str(tmp_path / "deep.yaml"), "--train_file", "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "deep.yaml uses 351 YAML aliases (*name), over 64" in proc.stderr[-2000:], proc.stderr[-2000:]
+    (tmp_path / "big.yaml").write_text("run_name: " + "x" * 300_000 + "\n")
+    with pytest.raises(UsageError, match="big.yaml is over 256 KiB"):
+        parse_config(["--config", str(tmp_path / "big.yaml"), "--train_file", "x.csv"])
+    (tmp_path / "long.yaml").write_text("lr_scheduler_type: " + "y" * 5000 + "\n")
+    with pytest.raises(UsageError) as refused:
+        parse_config(["--config", str(tmp_path / "long.yaml"), "--train_file", "x.csv"])
+    assert len(str(refused.value)) < 600, "a long value is quoted cut short"

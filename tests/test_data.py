@@ -170,3 +170,38 @@ def test_non_utf8_byte_offset_is_the_files_own_and_a_folder_is_named(tmp_path):
         read_labelled_file(str(path), LABELS)
     with pytest.raises(UsageError, match="is a folder, not a file"):
         read_labelled_file(str(tmp_path), LABELS)
+
+
+def test_a_canonical_csv_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's UTF-8 BOM made the canonical file fail with a misleading "missing column" message."""
+    plain = write_canonical_csv(tmp_path / "plain.csv", synthetic_rows(12, seed=3))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    expected = read_labelled_file(str(plain), LABELS)
+    got = read_labelled_file(str(bom), LABELS)
+    assert got["text"] == expected["text"] and got["label"] == expected["label"]
+    headed = tmp_path / "headed.csv"
+    headed.write_bytes("\ufefftext,label\ngoal coach,Sports\nshares bank,Business\n".encode())
+    assert read_labelled_file(str(headed), LABELS)["label"] == [1, 2]
+
+
+@pytest.mark.parametrize("text", ["\x00", "\u200b\u200b", " \u200d\ufeff\u2060 ", "\x00 \t\u3000"])
+def test_text_of_only_invisible_characters_is_empty(text, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "goal coach", "label": 1}) + "\n" + json.dumps({"text": text, "label": 2}) + "\n")
+    with pytest.raises(UsageError, match="row 2 has empty text"):
+        read_labelled_file(str(path), LABELS)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_canonical_csv_with_a_byte_order_mark(trained_adapter_run, tmp_path):
+    import sys
+
+    from conftest import run_cli
+
+    bom = tmp_path / "test.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + write_canonical_csv(tmp_path / "plain.csv", synthetic_rows(20, seed=6)).read_bytes())
+    proc = run_cli([sys.executable, "-m", "peft_agnews.evaluate", "--adapter_dir", str(trained_adapter_run / "adapter"),
+                    "--test_file", str(bom), "--output_file", str(tmp_path / "report.json"), "--plot", "false"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "report.json").read_text())["num_examples"] == 20

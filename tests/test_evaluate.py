@@ -122,3 +122,24 @@ def test_two_processes_count_each_example_once(trained_adapter_run, odd_test_csv
 def test_runs_as_a_module():
     proc = run_cli([sys.executable, "-m", "peft_agnews.evaluate", "--help"], timeout=120)
     assert proc.returncode == 0 and "--test_file" in proc.stdout and "--adapter_dir" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_png_beside_the_json_is_checked_like_the_json(trained_adapter_run, odd_test_csv, tmp_path):
+    """`evaluate --output_file report.json` replaced an existing report.png without --overwrite."""
+    (tmp_path / "report.png").write_bytes(b"my figure")
+    evaluate = [sys.executable, "-m", "peft_agnews.evaluate", "--adapter_dir", str(trained_adapter_run / "adapter"),
+                "--test_file", str(odd_test_csv)]
+    proc = run_cli([*evaluate, "--output_file", str(tmp_path / "report.json")])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --output_file {tmp_path / 'report.png'} already exists; choose another path or pass --overwrite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.png"]
+    assert (tmp_path / "report.png").read_bytes() == b"my figure"
+    # Inside the adapter folder: refused as the adapter is an input.
+    proc = run_cli([*evaluate, "--output_file", str(trained_adapter_run / "adapter" / "eval.json")])
+    assert proc.returncode == 2 and "lies inside the input --adapter_dir" in proc.stderr, proc.stderr
+    assert not (trained_adapter_run / "adapter" / "eval.json").exists()
+    in_process = evaluate[3:]
+    assert cli([*in_process, "--output_file", str(tmp_path / "report.png")]) == 2
+    assert main([*in_process, "--output_file", str(tmp_path / "report.json"), "--overwrite"])["num_examples"] == 37
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")

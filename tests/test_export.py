@@ -4,13 +4,18 @@ label names; the adapter copy (a research head's head.json too, which --merge re
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from conftest import LABELS, PLAIN_TEXTS, direct_logits, load_adapter_directly, synthetic_rows, toy_batch
+from conftest import LABELS, PLAIN_TEXTS, REPO, direct_logits, load_adapter_directly, run_cli, synthetic_rows, toy_batch
 from peft_agnews.export import cli, main
 
 TEXTS = [f"{t} {d}" for _, t, d in synthetic_rows(12, seed=11)]
@@ -113,3 +118,62 @@ def test_recipe_adapter_merges_and_classifies_with_label_names_in_a_pipeline(rec
         probs = ours.model(**ours.tokenizer(PLAIN_TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
     assert [r["label"] for r in results] == [ours.label_names[i] for i in probs.argmax(-1)]
     assert [r["score"] for r in results] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+
+
+# --- export writes only a folder it created, never one of its inputs --------------------------------------------
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_the_run_it_reads_nor_a_folder_of_someone_elses(trained_adapter_run, tmp_path):
+    """`export --adapter_dir R/adapter --output_dir R --overwrite` deleted the whole run, exit 0."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_adapter_run, run)
+    before = listing(run)
+    export = [sys.executable, "-m", "peft_agnews.export", "--adapter_dir", str(run / "adapter")]
+    proc = run_cli([*export, "--output_dir", str(run), "--overwrite"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --output_dir {run} contains the input --adapter_dir {run / 'adapter'}; a command never writes over "
+        "what it reads: choose another --output_dir"]
+    assert listing(run) == before
+    # The merged model over the adapter it is made from.
+    proc = run_cli([*export, "--merge", "--output_dir", str(run / "adapter"), "--overwrite"])
+    assert proc.returncode == 2 and "is the input --adapter_dir" in proc.stderr and listing(run) == before
+    # A folder of the user's own files: --overwrite replaces only what export wrote.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("my only copy")
+    proc = run_cli([*export, "--output_dir", str(mine), "--overwrite"])
+    assert proc.returncode == 2 and "was not written by peft-agnews export" in proc.stderr
+    assert listing(mine) == ["thesis.tex"]
+
+
+@pytest.mark.slow
+def test_output_dir_dot_is_one_error_line(trained_adapter_run, tmp_path):
+    """`export --output_dir .` raised a ValueError (traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "peft_agnews.export", "--adapter_dir", str(trained_adapter_run / "adapter"),
+               "--output_dir", ".", "--overwrite"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --output_dir . is the current folder"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_an_earlier_export_in_one_swap(trained_adapter_run, tmp_path):
+    from peft_agnews.files import OUTPUT_MARKER
+
+    out = tmp_path / "copy"
+    adapter = str(trained_adapter_run / "adapter")
+    main(["--adapter_dir", adapter, "--output_dir", str(out)])
+    assert (out / OUTPUT_MARKER).is_file() and (out / "adapter_model.safetensors").is_file()
+    (out / "adapter_model.safetensors").write_bytes(b"stale")
+    main(["--adapter_dir", adapter, "--merge", "--output_dir", str(out), "--overwrite"])
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "adapter_model.safetensors" not in names and OUTPUT_MARKER in names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"], "no temporary or old folder left"
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: no --overwrite needed
+    main(["--adapter_dir", adapter, "--output_dir", str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "adapter_model.safetensors").is_file()

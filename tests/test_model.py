@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-from conftest import LABELS, four_layer_model, roberta_base_config, tiny_lora_model, tiny_train_args, toy_batch
+from conftest import (
+    LABELS, REPO, four_layer_model, roberta_base_config, tiny_lora_model, tiny_train_args, toy_batch,
+)
 from peft_agnews.config import TrainConfig
 from peft_agnews import speed
 from peft_agnews.speed.dropout import ATTENTION
@@ -366,3 +371,73 @@ def test_model_dropout_sets_every_dropout_and_zero_makes_training_forwards_deter
     assert rates and set(rates) == {0.0}  # hidden, attention and head dropout alike (LoRA dropout is --lora_dropout)
     torch.testing.assert_close(off(**inputs).logits, off(**inputs).logits, rtol=0, atol=0)
     assert {m.p for m in tiny_lora_model(tiny_model_dir, model_dropout=0.3).modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
+# --- no model's own code runs unless --trust_remote_code ----------------------------------------------------------
+
+CUSTOM_CODE = """import os, pathlib
+pathlib.Path(os.environ["RAN_MARKER"]).write_text("the model's own code ran")
+"""
+
+
+def model_with_its_own_code(tiny_model_dir, folder):
+    """The tiny model, but its config names classes in .py files of its folder (an auto_map): loading it runs them
+    (each file records that it ran). The classes are the tiny RoBERTa's own, under another model type."""
+    copy_model(tiny_model_dir, folder)
+    (folder / "configuration_custom.py").write_text(CUSTOM_CODE + """from transformers import RobertaConfig
+
+
+class CustomConfig(RobertaConfig):
+    model_type = "custom-roberta"
+""")
+    (folder / "modeling_custom.py").write_text(CUSTOM_CODE + """from transformers import RobertaForSequenceClassification
+from .configuration_custom import CustomConfig
+
+
+class CustomForSequenceClassification(RobertaForSequenceClassification):
+    config_class = CustomConfig
+""")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-roberta", auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForSequenceClassification": "modeling_custom.CustomForSequenceClassification"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_model_that_ships_its_own_code_is_refused_and_its_code_never_runs(trained_adapter_run, tiny_model_dir,
+                                                                            synthetic_train_csv, tmp_path):
+    """An adapter whose base folder has modeling_*.py and an auto_map made transformers ask "run the custom code?
+    [y/N]" in predict, evaluate and train; answered yes (here: piped), the code ran."""
+    import shutil
+
+    custom = model_with_its_own_code(tiny_model_dir, tmp_path / "custom-base")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter_run / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(custom)}))
+    (tmp_path / "in.txt").write_text("goal coach season\nshares profit bank\n")
+    ran = tmp_path / "ran"
+    env = {**os.environ, "RAN_MARKER": str(ran), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+
+    def command(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=REPO, input="y\ny\n", capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    predict = ["-m", "peft_agnews.predict", "--adapter_dir", str(adapter), "--input_file", str(tmp_path / "in.txt"),
+               "--output_file", str(tmp_path / "out.csv")]
+    train = ["-m", "peft_agnews.train",
+             *tiny_train_args(custom, synthetic_train_csv, tmp_path / "run", max_train_steps=2, eval_steps=2)]
+    for argv in (predict, train):
+        proc = command(*argv)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--trust_remote_code true" in errors[0], proc.stderr[-2000:]
+        assert "[y/N]" not in proc.stdout + proc.stderr, "never an interactive question"
+        assert not ran.exists(), "the model's own code must not run"
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "run").exists()
+    # Asked for, it runs (and the model loads through it).
+    proc = command(*predict, "--trust_remote_code", "true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ran.read_text() == "the model's own code ran" and (tmp_path / "out.csv").is_file()

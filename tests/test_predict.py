@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (
-    accelerate_launch, direct_logits, load_adapter_directly, run_cli, synthetic_rows, write_canonical_csv,
+    REPO, accelerate_launch, direct_logits, load_adapter_directly, run_cli, synthetic_rows, write_canonical_csv,
 )
 from peft_agnews.predict import cli, main
 
@@ -284,3 +284,90 @@ def test_tables_are_read_by_the_training_reader_ids_as_written(trained_adapter_r
             "--output_file", str(tmp_path / "pred2.csv")]
     assert cli(argv) == 2
     assert "not UTF-8 text (byte 13:" in one_error_line(capsys) and not (tmp_path / "pred2.csv").exists()
+
+
+# --- outputs never replace inputs; creating an output is exclusive ---------------------------------------------
+
+@pytest.mark.slow
+def test_an_output_that_is_an_input_or_lies_in_the_adapter_is_refused(trained_adapter_run, rows, tmp_path):
+    """`predict --input_file X.csv --output_file X.csv --overwrite` destroyed the input; an output inside the adapter
+    folder broke the adapter."""
+    src = tmp_path / "in.csv"
+    rows[["ID", "text"]].to_csv(src, index=False)
+    kept = src.read_bytes()
+    adapter = trained_adapter_run / "adapter"
+    predict_cli = [sys.executable, "-m", "peft_agnews.predict", "--adapter_dir", str(adapter), "--input_file", str(src)]
+    proc = run_cli([*predict_cli, "--output_file", str(src), "--overwrite"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --output_file {src} is the input --input_file {src}; a command never writes over what it reads: "
+        "choose another --output_file"], proc.stderr
+    assert src.read_bytes() == kept
+    adapter_files = sorted(p.name for p in adapter.iterdir())
+    proc = run_cli([*predict_cli, "--output_file", str(adapter / "adapter_config.json"), "--overwrite"])
+    assert proc.returncode == 2 and "lies inside the input --adapter_dir" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in adapter.iterdir()) == adapter_files
+
+
+def test_an_output_that_appears_while_predicting_is_not_replaced(trained_adapter_run, rows, tmp_path, monkeypatch,
+                                                                capsys):
+    """Another run writing the same new output finishes first: this one fails and leaves that file alone."""
+    import peft_agnews.predict as predict_module
+
+    src, out = tmp_path / "in.csv", tmp_path / "pred.csv"
+    rows[["ID", "text"]].to_csv(src, index=False)
+    real_score = predict_module.score_texts
+
+    def other_run_finishes_first(*args, **kwargs):
+        out.write_text("ID,Label\n1,0\n")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "score_texts", other_run_finishes_first)
+    assert cli(["--adapter_dir", str(trained_adapter_run / "adapter"), "--input_file", str(src),
+                "--output_file", str(out)]) == 2
+    assert "was created by another command while this one ran" in one_error_line(capsys)
+    assert out.read_text() == "ID,Label\n1,0\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "pred.csv"]
+
+
+@pytest.mark.slow
+def test_two_predictions_to_the_same_new_file_one_fails(trained_adapter_run, rows, tmp_path):
+    """Both used to report success while one result silently replaced the other."""
+    import subprocess
+
+    src, out = tmp_path / "in.csv", tmp_path / "pred.csv"
+    rows[["ID", "text"]].to_csv(src, index=False)
+    command = [sys.executable, "-m", "peft_agnews.predict", "--adapter_dir", str(trained_adapter_run / "adapter"),
+               "--input_file", str(src), "--output_file", str(out)]
+    procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
+    for proc in procs:
+        proc.stdout.close()
+        proc.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "already exists" in loser or "was created by another command while this one ran" in loser, loser
+    assert len(pd.read_csv(out)) == len(rows)
+
+
+@pytest.mark.slow
+def test_max_length_beyond_the_models_positions_is_one_error(trained_adapter_run, tmp_path):
+    """A text longer than the model's 158 positions with --max_length 200 crashed (index out of range)."""
+    (tmp_path / "long.txt").write_text(" ".join(["goal coach season"] * 80) + "\nshares profit\n")
+    proc = run_cli([sys.executable, "-m", "peft_agnews.predict", "--adapter_dir", str(trained_adapter_run / "adapter"),
+                    "--input_file", str(tmp_path / "long.txt"), "--output_file", str(tmp_path / "out.csv"),
+                    "--max_length", "200"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--max_length 200 is more than model" in errors[0] and "(158 token positions)" in errors[0]
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.slow
+def test_texts_of_only_invisible_characters_are_empty(trained_adapter_run, tmp_path):
+    """NUL or zero-width characters alone were accepted as text (more cases: test_data.py)."""
+    rows = [{"text": "goal coach"}, {"text": "\x00\u200b\u200d\ufeff "}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = run_cli([sys.executable, "-m", "peft_agnews.predict", "--adapter_dir", str(trained_adapter_run / "adapter"),
+                    "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(tmp_path / "out.csv")])
+    assert proc.returncode == 2 and "row 2 has empty or missing text" in proc.stderr, proc.stderr[-1000:]
+    assert not (tmp_path / "out.csv").exists()

@@ -296,7 +296,7 @@ def test_a_fresh_run_never_replaces_files_it_did_not_write(tiny_model_dir, synth
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"--output_dir {out} is not empty (adapter, metrics.jsonl)" in err and "--overwrite_output_dir true" in err
+    assert f"--output_dir {out} is not empty (adapter, metrics.jsonl) and holds no peft-agnews training run" in err
     assert (out / "adapter" / "notes.txt").read_text() == "mine\n" and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.jsonl"]
 
@@ -351,3 +351,34 @@ def test_a_custom_head_run_warns_at_start_that_plain_peft_cannot_load_it(head, t
     assert f"warning: --classifier_head {head} is a research head: plain PEFT cannot load" in err
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", dry_run="true")) == 0
     assert "research head" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_max_length_beyond_the_models_positions_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    """--max_length 200 on a model with 158 positions crashed mid-training (index out of range) and left a
+    half-written output folder."""
+    from conftest import synthetic_rows, write_canonical_csv
+
+    rows = [(label, title, " ".join([desc] * 12)) for label, title, desc in synthetic_rows(96, seed=3)]
+    long_rows = write_canonical_csv(tmp_path / "long.csv", rows)
+    out = tmp_path / "out"
+    proc = accelerate_launch("cpu.yaml", tiny_train_args(tiny_model_dir, long_rows, out, max_length=200,
+                                                         max_train_steps=2, eval_steps=2))
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --max_length 200 is more than model '{tiny_model_dir}' can read (158 token positions); "
+                      "pass --max_length 158 or less"], proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_a_class_in_validation_but_not_in_training_is_warned_about(tiny_model_dir, tmp_path, capsys):
+    from conftest import synthetic_rows, write_canonical_csv
+
+    rows = synthetic_rows(240, seed=4)
+    train_csv = write_canonical_csv(tmp_path / "train.csv", [r for r in rows if r[0] != 1])
+    validation_csv = write_canonical_csv(tmp_path / "validation.csv", rows[:40])
+    argv = tiny_train_args(tiny_model_dir, train_csv, tmp_path / "out", validation_file=validation_csv,
+                           max_train_steps=2, eval_steps=2)
+    assert cli(argv) == 0
+    assert ("warning: class(es) ['Sports'] appear in the validation rows but in no training row: the model cannot "
+            "learn them") in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The frozen prefix's activation cache (`--cache_frozen_prefix`): its files, reuse and size limit, and (fp32,
-dropout off) the same adapter as without it, at 1 and 2 processes."""
+"""The frozen prefix's activation cache (`--cache_frozen_prefix`): its files, reuse and size limit, its checksums (a
+damaged cache is rebuilt, never trained on), and (fp32, dropout off) the same adapter as without it, at 1 and 2
+processes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import accelerate_launch, assert_same_adapter, four_layer_model, p
 from peft_agnews.config import parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.speed.frozen_prefix import enable_frozen_prefix
-from peft_agnews.speed.prefix_cache import KEY_FILE, ROWS_KEY, PrefixCache
+from peft_agnews.speed.prefix_cache import CHECKSUM_FILE, DATA_FILE, FILLED_FILE, KEY_FILE, ROWS_KEY, PrefixCache
 from peft_agnews.train import cli
 
 BATCH = toy_batch()
@@ -51,6 +52,45 @@ def test_cache_with_the_same_key_is_reused_and_with_another_key_rebuilt(tmp_path
     assert "new at" in printed[-1] and "key changed: max_length" in printed[-1]
     assert other.filled_count() == 0
     assert json.loads((tmp_path / KEY_FILE).read_text())["max_length"] == 64
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "bit flip", "index truncated", "key truncated", "checksums missing"])
+def test_a_damaged_cache_is_rebuilt_never_reused(damage, tmp_path):
+    """A cache file zeroed or bit-flipped at the same size was reused ("reusing ... filled") and trained on; a
+    truncated index (filled.bin, key.json) was a traceback."""
+    printed = []
+    key = {"depth": 1, "tokens": "abc"}
+    cache = PrefixCache.open(tmp_path, key, [3, 5, 2], 4, torch.float32, one_process(printed), 1.0)
+    cache.write(torch.tensor([0, 1, 2]), torch.randn(3, 5, 4) + 2)  # no zero in the stored values
+    del cache
+    data = bytearray((tmp_path / DATA_FILE).read_bytes())
+    if damage == "zeroed":
+        data[12 * 4: 20 * 4] = bytes(32)  # row 1's first two positions
+    elif damage == "bit flip":
+        data[-1] ^= 0x01  # in row 2
+    (tmp_path / DATA_FILE).write_bytes(bytes(data))
+    if damage == "index truncated":
+        (tmp_path / FILLED_FILE).write_bytes(b"\x01")
+    elif damage == "key truncated":
+        (tmp_path / KEY_FILE).write_text((tmp_path / KEY_FILE).read_text()[:5])
+    elif damage == "checksums missing":  # a cache written before checksums were recorded
+        (tmp_path / CHECKSUM_FILE).unlink()
+    again = PrefixCache.open(tmp_path, key, [3, 5, 2], 4, torch.float32, one_process(printed), 1.0)
+    assert "new at" in printed[-1] and "rebuilt: " in printed[-1], printed[-1]
+    reason = {"zeroed": "1 stored examples fail their checksum", "bit flip": "1 stored examples fail their checksum",
+              "index truncated": "filled.bin of the wrong size", "key truncated": "key.json is damaged",
+              "checksums missing": "checksums.bin of the wrong size or missing"}[damage]
+    assert reason in printed[-1], printed[-1]
+    assert again.filled_count() == 0
+
+
+def test_an_intact_cache_passes_its_checksums_and_is_reused(tmp_path):
+    printed = []
+    cache = PrefixCache.open(tmp_path, {"k": 1}, [3, 5], 4, torch.bfloat16, one_process(printed), 1.0)
+    cache.write(torch.tensor([0, 1]), torch.randn(2, 5, 4))
+    del cache
+    PrefixCache.open(tmp_path, {"k": 1}, [3, 5], 4, torch.bfloat16, one_process(printed), 1.0)
+    assert "reusing" in printed[-1] and "2 of 2 examples filled" in printed[-1]
 
 
 def test_cache_over_the_size_limit_is_refused_before_anything_is_written(tmp_path):
@@ -95,6 +135,27 @@ def test_cache_trains_the_same_adapter_and_is_reused_by_the_next_run(prefix_runs
     assert "frozen prefix: embeddings + layers 0-0 of 2 run without autograd; cache 0.00 GB (" in out
     assert "reusing" in out and "432 of 432 examples filled" in out
     assert_same_adapter(cached, prefix_runs("prefix"))
+
+
+@pytest.mark.slow
+def test_a_cache_damaged_on_disk_is_rebuilt_by_the_next_run(prefix_runs, no_dropout_model_dir,
+                                                             synthetic_train_csv, tmp_path, capsys):
+    """Zeroed bytes in the middle of the cache, at the same size, were reused and trained on (exit 0)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(prefix_runs("cache"), run)
+    data = run / "prefix_cache" / DATA_FILE
+    size = data.stat().st_size
+    with data.open("r+b") as handle:
+        handle.seek(size // 2)
+        handle.write(bytes(4096))
+    assert data.stat().st_size == size
+    capsys.readouterr()
+    assert cli(prefix_args(no_dropout_model_dir, synthetic_train_csv, run, cache_frozen_prefix="true")) == 0
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "stored examples fail their checksum (damaged on disk)" in out, out
+    assert_same_adapter(run, prefix_runs("prefix"))
 
 
 @pytest.mark.slow
