@@ -173,6 +173,18 @@ class TrainConfig:
         "auto", "Attention kernel (transformers' attn_implementation): 'auto' is the library's choice (sdpa); "
         "'eager' (plain matmul + softmax) has a ~2x faster backward than sdpa's on CPU at short lengths (EXPERIMENTS.md).",
     )
+    torch_compile: bool = option(
+        False, "Compile the encoder's layers with torch.compile (inductor) for training and evaluation: the same "
+        "math in fused kernels, after a one-off compile (its time and graph count are reported).",
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = option(
+        None, "torch.compile mode (implies --torch_compile true); unset: 'default'.",
+    )
+    half_precision_base: bool = option(
+        False, "Hold the frozen base (weights and activations) in bf16 and run it without autocast; LoRA and head "
+        "weights, gradients and optimizer state stay fp32. Needs bf16 (--mixed_precision bf16, or auto resolving "
+        "to it). Changes rounding, hence results.",
+    )
     seed: int = option(37, "Seed for the split, the batch order, dropout and LoRA init.")
     # Schedule of side effects
     eval_steps: int = option(200, "Evaluate on validation every N optimizer steps (and at the end).")
@@ -209,6 +221,8 @@ class TrainConfig:
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
         self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
         self.lora_r = _parse_rank(self.lora_r)
+        if self.torch_compile_mode is not None:  # as TrainingArguments: a mode asks for compilation
+            self.torch_compile = True
         self.lora_layers = str(self.lora_layers).strip().lower().replace(" ", "")
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK

@@ -70,8 +70,10 @@ from peft_agnews.model import (
     load_tokenizer,
     optimizer_param_groups,
 )
+from peft_agnews.compilation import CompileStats, compile_layers
 from peft_agnews.objectives import classification_loss
 from peft_agnews.plan import Plan, make_scheduler
+from peft_agnews.precision import hold_base_in_half
 from peft_agnews.prefix_cache import CACHE_DIR
 from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
 
@@ -83,11 +85,23 @@ VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws ever
 RESUME_LOCK_WAIT_SECONDS = 180
 
 
-def accelerator_options(cfg: TrainConfig) -> dict:
-    """The training Accelerator's precision, accumulation and tracker (see `runtime.accelerator_session`)."""
+def run_precision(cfg: TrainConfig) -> str:
+    """The precision this run computes in ('no', 'fp16', 'bf16'), `--mixed_precision auto` resolved."""
     on_cpu = distributed_on_cpu() or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    return resolve_mixed_precision(cfg.mixed_precision, on_cpu)
+
+
+def accelerator_options(cfg: TrainConfig) -> dict:
+    """The training Accelerator's precision, accumulation and tracker (see `runtime.accelerator_session`).
+
+    A half-precision base computes in bf16 by its own dtype: the Accelerator then adds no autocast."""
+    precision = run_precision(cfg)
+    if cfg.half_precision_base and precision != "bf16":
+        raise UsageError(f"--half_precision_base needs bf16, but this run computes in "
+                         f"{'fp32' if precision == 'no' else precision}; pass --mixed_precision bf16 (slow on a CPU "
+                         "without bf16 instructions) or drop --half_precision_base")
     return dict(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),
+        mixed_precision="no" if cfg.half_precision_base else precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=tracker_name(cfg),
         # We step the scheduler once per real optimizer step ourselves: its length is counted in optimizer steps,
@@ -180,6 +194,7 @@ class Built:
     total_params: int
     prefix: FrozenPrefixLayers | None
     frozen_dtype: torch.dtype  # of the frozen prefix's cache: the half precision in use, else fp32
+    compile_stats: CompileStats | None = None  # graphs compiled and compile time since the model was built
 
 
 @dataclass
@@ -256,18 +271,28 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     if cfg.first_token_last_layer:
         first_token_last_layer(model, cfg.classifier_head)
     trainable, total_params = count_parameters(model)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    if half is not None and cfg.cast_frozen_weights:
+    precision = run_precision(cfg)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if cfg.half_precision_base:
+        cast = hold_base_in_half(model, half)
+        accelerator.print(f"half-precision base: {cast} frozen tensors held in bf16, run without autocast; LoRA and "
+                          "head in fp32")
+    elif half is not None and cfg.cast_frozen_weights:
         cast_frozen_linear_weights(model, half)
+    compile_stats = CompileStats.start() if cfg.torch_compile else None
+    if cfg.torch_compile:
+        compiled = compile_layers(model, cfg.torch_compile_mode)
+        accelerator.print(f"torch.compile: {compiled} module(s) compiled in place (inductor, mode "
+                          f"{cfg.torch_compile_mode or 'default'}); graphs compile on first use")
     splits = data.splits
-    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
+    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator, precision,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
     accelerator.print(plan.describe(trainable, total_params))
     if prefix is not None:
         accelerator.print(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
                                           model.get_base_model().config.hidden_size, half or torch.float32,
                                           out / CACHE_DIR))
-    return Built(model, plan, trainable, total_params, prefix, half or torch.float32)
+    return Built(model, plan, trainable, total_params, prefix, half or torch.float32, compile_stats)
 
 
 def describe_trainable(cfg: TrainConfig, built: Built, accelerator: Accelerator) -> None:
@@ -354,6 +379,10 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
+    if built.compile_stats is not None:  # compile time is inside train_runtime and wall_time_seconds: reported apart
+        results.update(built.compile_stats.report())
+        accelerator.print(f"torch.compile: {results['compiled_graphs']} graph(s) compiled in "
+                          f"{results['compile_seconds']:.1f} s")
     # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
