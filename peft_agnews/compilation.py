@@ -30,7 +30,8 @@ def compile_layers(model: torch.nn.Module, mode: str | None) -> int:
     random stream differs (inductor draws its own random numbers for the masks' seeds)."""
     options = {"mode": mode} if mode and mode != "default" else {}
     layers = encoder_layer_list(model)
-    modules = list(layers) if layers is not None else [model]
+    # The modules themselves: a frozen prefix's layer list iterates as one prefix step plus the trained layers.
+    modules = list(layers._modules.values()) if layers is not None else [model]
     for module in modules:
         module.compile(**options)
     return len(modules)
