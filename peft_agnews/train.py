@@ -88,7 +88,11 @@ RESUME_LOCK_WAIT_SECONDS = 180
 def run_precision(cfg: TrainConfig) -> str:
     """The precision this run computes in ('no', 'fp16', 'bf16'), `--mixed_precision auto` resolved."""
     on_cpu = distributed_on_cpu() or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
-    return resolve_mixed_precision(cfg.mixed_precision, on_cpu)
+    precision = resolve_mixed_precision(cfg.mixed_precision, on_cpu)
+    if precision == "fp16" and on_cpu:  # Accelerate autocasts fp16 on accelerators only: it would run fp32 silently
+        raise UsageError("fp16 mixed precision needs a GPU (Accelerate has no fp16 autocast on CPU); on this machine "
+                         "use --mixed_precision bf16 or no (or auto), or a launch config without fp16")
+    return precision
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:

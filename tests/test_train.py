@@ -322,3 +322,13 @@ def test_sigterm_to_a_one_process_launcher_stops_the_trainer(tiny_model_dir, syn
     assert not (tmp_path / "results.json").exists()
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / f"step_{stopped_at}" / "COMPLETE").is_file() and stopped_at < 400
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 autocast is what the run uses")
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    """Accelerate has no fp16 autocast on CPU: the run would train in fp32 under an fp16 label (and the frozen
+    weights cast to fp16 would not even multiply with fp32 activations)."""
+    out = tmp_path / "run"
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, mixed_precision="fp16")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: fp16 mixed precision needs a GPU")
+    assert not out.exists()
