@@ -67,12 +67,14 @@ def model_options(args) -> dict:
 def time_variant(args, variant: str) -> dict:
     import torch
 
+    from peft_agnews import speed
     from peft_agnews.config import TrainConfig
     from peft_agnews.model import apply_lora, load_base_model, optimizer_param_groups
 
     cfg = TrainConfig(**model_options(args), **VARIANTS[variant], gradient_checkpointing=False)
     torch.manual_seed(0)
     model = apply_lora(load_base_model(cfg), cfg).train()
+    speed.apply(model, cfg)  # the speed options as training applies them
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay, None), lr=1e-4)
     forward = torch.compile(model) if variant.startswith("compile") else model
     batch = {"input_ids": torch.randint(1000, 20000, (args.batch_size, args.seq_len)),

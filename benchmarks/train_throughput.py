@@ -290,7 +290,7 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool, compil
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(list(data["train"]["length"]), args.batch_size, seed=cfg.seed)
 
-    from peft_agnews.compilation import CompileStats
+    from peft_agnews.speed.compilation import CompileStats
 
     compiling = CompileStats.start()
     timer = StepTimes()

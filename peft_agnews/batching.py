@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from peft_agnews.config import TrainConfig
-from peft_agnews.prefix_cache import ROWS_KEY
+from peft_agnews.labels import class_names, is_multi_label, multi_hot
+from peft_agnews.speed.prefix_cache import ROWS_KEY
 
 # Padding to a multiple of 8 keeps tensor-core shapes on GPU and bounds the number of distinct shapes.
 PAD_TO_MULTIPLE_OF = 8
@@ -20,13 +21,20 @@ MEGABATCH_FACTOR = 50
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:
-    """Add `input_ids`/`attention_mask`/`length`, rename `label` to `labels`, drop the raw text."""
+    """Add `input_ids`/`attention_mask`/`length`, rename `label` to `labels`, drop the raw text. Multi-label
+    `labels` become multi-hot float rows (the binary cross-entropy's targets)."""
+    feature = next(iter(splits.values())).features["label"]
+    num_classes = len(class_names(feature)) if is_multi_label(feature) else 0
 
     def encode(batch: dict) -> dict:
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        if num_classes:
+            enc["labels"] = multi_hot(batch["label"], num_classes)
         return enc
 
+    if num_classes:
+        return splits.map(encode, batched=True, remove_columns=["text", "label"], desc="tokenize")
     tokenized = splits.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
     return tokenized.rename_column("label", "labels")
 
@@ -86,22 +94,27 @@ def make_dataloaders(
         model_columns = [*model_columns, ROWS_KEY]
     global_batch = cfg.effective_batch(num_processes)
     sampler = LengthGroupedSampler(train["length"], global_batch, cfg.seed, cfg.group_by_length)
+    # Workers only collate (the order comes from the sampler, dropout from the training process): same batches.
+    workers = {"num_workers": cfg.dataloader_num_workers,
+               "pin_memory": cfg.dataloader_pin_memory and torch.accelerator.is_available()}
     loaders = {
         "train": DataLoader(
             train.select_columns(model_columns),
             batch_size=cfg.per_device_train_batch_size,
             sampler=sampler,
             collate_fn=collator,
+            **workers,
         )
     }
     for split in tokenized:
         if split == "train":
             continue
-        loaders[split] = length_sorted_dataloader(tokenized[split], tokenizer, cfg.per_device_eval_batch_size)
+        loaders[split] = length_sorted_dataloader(tokenized[split], tokenizer, cfg.per_device_eval_batch_size, **workers)
     return loaders
 
 
-def length_sorted_dataloader(split: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> DataLoader:
+def length_sorted_dataloader(split: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                             num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """An evaluation loader over a tokenized split, longest rows first, no shuffle.
 
     Rows come in `eval_order` (longest first). The `labels` column comes out in loader order, so callers that
@@ -109,4 +122,5 @@ def length_sorted_dataloader(split: Dataset, tokenizer: PreTrainedTokenizerBase,
     """
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, return_tensors="pt")
     ordered = split.select(eval_order(split)).select_columns(["input_ids", "attention_mask", "labels"])
-    return DataLoader(ordered, batch_size=batch_size, collate_fn=collator)
+    return DataLoader(ordered, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
+                      pin_memory=pin_memory)

@@ -1,9 +1,18 @@
 """Fault tolerance: small atomic checkpoints and exact resume.
 
-A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while training, never the frozen base:
+A checkpoint `<output_dir>/checkpoints/step_N/` is the adapter at step N, loadable as any PEFT adapter
+(`PeftModel.from_pretrained(base, step_N)`, `peft-agnews evaluate --adapter_dir step_N`), plus what a resume needs;
+never the frozen base:
 
-    trainable.safetensors      the trainable weights (LoRA, trained biases, classifier head) at step N
-    best.safetensors           the best trainable weights so far: the adapter the run exports at the end
+    adapter_config.json, adapter_model.safetensors, README.md
+                               PEFT's `save_pretrained` (LoRA, trained biases, classifier head at step N): also the
+                               weights a resume restores (PEFT's `set_peft_model_state_dict`), written once
+    tokenizer files, labels.json, head.json (custom heads only)
+                               as in the run's adapter/ folder; files identical to the previous checkpoint's are
+                               hard links to them (one copy on disk), where the filesystem allows
+    best.safetensors           the best weights so far (PEFT's names), when they are not this step's: trainer_state.json
+                               says which file holds them (`best_weights`: adapter_model.safetensors, this, or null
+                               before the first evaluation)
     optimizer.bin, scheduler.bin, scaler.pt, random_states_<rank>.pkl
                                Accelerate's `save_state` (model weights removed by our hooks); tensors and numbers
                                only, read back with `weights_only=True`
@@ -13,11 +22,12 @@ A checkpoint `<output_dir>/checkpoints/step_N/` holds only what changes while tr
 
 Each checkpoint is written into `.tmp-step_N/`, synced, marked COMPLETE and then renamed, so a folder named
 `step_N` is complete; a process killed mid-write leaves only a `.tmp-*` folder that `latest` skips.
-They hold `loop_state.TrainState`: its counters in trainer_state.json, its best weights in best.safetensors.
+They hold `loop_state.TrainState`: its counters in trainer_state.json, its best weights in the file `best_weights` names.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -28,6 +38,8 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import load as torch_load_safely
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from peft_agnews.errors import UsageError, first_line
@@ -38,7 +50,9 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
-WEIGHTS_FILE = "trainable.safetensors"
+# Which file of the checkpoint holds TrainState.best_weights (trainer_state.json key; see the module docstring).
+BEST_KEY = "best_weights"
+LEGACY_WEIGHTS_FILE = "trainable.safetensors"  # checkpoints of versions before they were adapters
 # Keys of the run shape: the options that must match on resume, and the per-split fingerprints of the data rows.
 OPTIONS_KEY = "options"
 FINGERPRINT_SUFFIX = "_rows_sha256"
@@ -52,16 +66,16 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that cannot be read back (truncated, damaged, wrong types)."""
 
 
-def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable parameters (a few MB for LoRA)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's weights as PEFT saves them (`get_peft_model_state_dict` of the unwrapped
+    PeftModel: LoRA, trained biases, classifier head; a few MB), so they can be written as an adapter file."""
+    return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in get_peft_model_state_dict(model).items()}
 
 
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+def load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put `adapter_weights` output back into the unwrapped PeftModel (PEFT's own inverse); {} changes nothing."""
+    if weights:
+        set_peft_model_state_dict(model, weights)
 
 
 def step_of(folder: Path) -> int:
@@ -124,18 +138,27 @@ def read_state(path: Path) -> dict[str, Any]:
             raise ValueError("not a checkpoint state object")
         if not isinstance(state.get("run_shape"), dict) or not isinstance(state["run_shape"].get(OPTIONS_KEY, {}), dict):
             raise ValueError("run_shape is not an object of shape values and options")
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None))}
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+                 "float | None": (int, float, type(None))}
         for f in fields(TrainState):
             value = state["counters"].get(f.name)
             if f.type in kinds and f.name in state["counters"] and (
                 not isinstance(value, kinds[f.type]) or (f.type != "bool" and isinstance(value, bool))
             ):
                 raise ValueError(f"counter {f.name} is {value!r}, not {f.type}")
-        return state
+        if state.get(BEST_KEY) not in (ADAPTER_WEIGHTS, BEST_FILE, None):
+            raise ValueError(f"{BEST_KEY} is {state.get(BEST_KEY)!r}, not {ADAPTER_WEIGHTS}, {BEST_FILE} or null")
     except (OSError, ValueError) as err:
         raise CorruptCheckpointError(
             f"checkpoint file {file} is unreadable or corrupt ({err}); pass another checkpoint"
         ) from None
+    if BEST_KEY not in state and (path / LEGACY_WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} was written by an earlier version of peft-agnews ({LEGACY_WEIGHTS_FILE}, not an "
+            "adapter) and cannot be resumed by this one; finish that run with the version that wrote it, or start "
+            "over with --overwrite_output_dir true"
+        )
+    return state
 
 
 def with_older_hint(err: CheckpointError, path: Path) -> CheckpointError:
@@ -146,6 +169,19 @@ def with_older_hint(err: CheckpointError, path: Path) -> CheckpointError:
     hint = (f"; --resume_from_checkpoint latest picked the newest checkpoint: pass the older {older[-1]} "
             f"instead, or delete {path.name}") if older else "; it is the only complete checkpoint"
     return type(err)(f"{err}{hint}")
+
+
+def _link_if_same(previous: Path, file: Path) -> None:
+    """Replace `file` by a hard link to `previous` when both hold the same bytes (one copy on disk; each checkpoint
+    still a complete folder). Where hard links are not possible the copy stays."""
+    if not previous.is_file() or not filecmp.cmp(previous, file, shallow=False):
+        return
+    link = file.with_name(f".{file.name}.link")
+    try:
+        os.link(previous, link)
+    except OSError:
+        return
+    os.replace(link, file)
 
 
 def _fsync(path: Path) -> None:
@@ -159,18 +195,22 @@ def _fsync(path: Path) -> None:
 class Checkpointer:
     """Writes and reads checkpoints for one prepared model/optimizer/scheduler through Accelerate's save/load_state.
 
-    Hooks replace Accelerate's full-model weights file with the trainable weights only; everything Accelerate saves
-    besides (optimizer, scheduler, grad scaler, every process's RNG states) is kept as it writes it.
+    Hooks replace Accelerate's full-model weights file with the adapter (PEFT's `save_pretrained`); everything
+    Accelerate saves besides (optimizer, scheduler, grad scaler, every process's RNG states) is kept as it writes it.
     """
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, folder: Path, keep: int,
-                 run_shape: dict[str, Any], fresh: bool) -> None:
-        """`fresh`: a run that does not resume; checkpoints of an earlier run in `folder` are deleted."""
+                 run_shape: dict[str, Any], fresh: bool,
+                 companions: Callable[[Path], None] | None = None) -> None:
+        """`fresh`: a run that does not resume; checkpoints of an earlier run in `folder` are deleted.
+        `companions(folder)` writes the adapter's other files (tokenizer, labels.json, head.json: see
+        `artifacts.write_adapter_companions`) into each checkpoint."""
         self.accelerator = accelerator
         self.model = model
         self.folder = folder
         self.keep = keep
         self.run_shape = run_shape
+        self.companions = companions
         self.last_saved: Path | None = None
         self._incoming: dict[str, torch.Tensor] | None = None
         accelerator.register_save_state_pre_hook(self._save_weights_hook)
@@ -183,12 +223,36 @@ class Checkpointer:
     # Accelerate hooks ------------------------------------------------------------------------------------------
     def _save_weights_hook(self, models: list, weights: list, output_dir: str) -> None:
         if self.accelerator.is_main_process:
-            save_file(trainable_weights(self.accelerator.unwrap_model(self.model)), str(Path(output_dir) / WEIGHTS_FILE))
+            self._write_adapter(Path(output_dir))
         weights.clear()  # Accelerate would otherwise write the whole model, frozen base included
 
     def _load_weights_hook(self, models: list, input_dir: str) -> None:
-        load_trainable(self.accelerator.unwrap_model(self.model), self._incoming)
+        load_adapter_weights(self.accelerator.unwrap_model(self.model), self._incoming)
         models.clear()
+
+    # The adapter -------------------------------------------------------------------------------------------------
+    def _write_adapter(self, folder: Path) -> None:
+        """The adapter as PEFT writes it, then its companions; those unchanged since the previous checkpoint become
+        hard links to its files (the tokenizer alone is ~3.5 MB for roberta-base)."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True)
+        if self.companions is None:
+            return
+        before = set(os.listdir(folder))
+        self.companions(folder)
+        if self.last_saved is not None:
+            for name in sorted(set(os.listdir(folder)) - before):
+                _link_if_same(self.last_saved / name, folder / name)
+
+    @staticmethod
+    def _write_best(folder: Path, step: int, counters: dict[str, Any], best_weights: dict[str, torch.Tensor]) -> str | None:
+        """Where this checkpoint keeps the best weights (the value of BEST_KEY): nowhere before the first
+        evaluation; the adapter just written when this step is the best one; else best.safetensors."""
+        if not best_weights:
+            return None
+        if counters.get("best_step") == step:  # evaluated at this step, model unchanged since
+            return ADAPTER_WEIGHTS
+        save_file(best_weights, str(folder / BEST_FILE))
+        return BEST_FILE
 
     # Saving ------------------------------------------------------------------------------------------------------
     def save(self, step: int, counters: dict[str, Any], best_weights: dict[str, torch.Tensor]) -> Path:
@@ -201,8 +265,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # every process writes its own RNG file; the main process the rest
         if acc.is_main_process:
-            save_file(best_weights, str(tmp / BEST_FILE))
-            state = {"step": step, "counters": counters, "run_shape": self.run_shape}
+            best_file = self._write_best(tmp, step, counters, best_weights)
+            state = {"step": step, "counters": counters, "run_shape": self.run_shape, BEST_KEY: best_file}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -243,9 +307,12 @@ class Checkpointer:
         """
         state = read_state(path)
         self._check_shape(path, state["run_shape"])
-        trainable = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
-        self._incoming = self._read_weights(path / WEIGHTS_FILE, trainable)
-        best = self._read_weights(path / BEST_FILE, trainable, empty_ok=True)  # empty before the first evaluation
+        expected = {n: tuple(t.shape) for n, t in get_peft_model_state_dict(self.accelerator.unwrap_model(self.model)).items()}
+        self._incoming = self._read_weights(path / ADAPTER_WEIGHTS, expected)
+        if state.get(BEST_KEY) == BEST_FILE:
+            best = self._read_weights(path / BEST_FILE, expected)
+        else:  # this step's adapter, or none before the first evaluation
+            best = self._incoming if state.get(BEST_KEY) == ADAPTER_WEIGHTS else {}
         files = ["optimizer.bin", "scheduler.bin"] + [f"random_states_{i}.pkl" for i in range(self.run_shape["num_processes"])]
         if self.accelerator.scaler is not None:
             files.append("scaler.pt")
@@ -284,16 +351,20 @@ class Checkpointer:
             )
 
     @staticmethod
-    def _read_weights(file: Path, expected: set[str], empty_ok: bool = False) -> dict[str, torch.Tensor]:
+    def _read_weights(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """An adapter weights file, checked to hold exactly this model's adapter tensors (`expected`: PEFT's
+        names and shapes)."""
         try:
             weights = load_file(str(file))
         except Exception as err:  # safetensors raises several types for missing/truncated files
             raise CorruptCheckpointError(f"checkpoint file {file} is missing or corrupt ({err}); pass another checkpoint") from None
-        if set(weights) != expected and not (empty_ok and not weights):
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        reshaped = sorted(n for n in set(weights) & set(expected) if tuple(weights[n].shape) != expected[n])
+        if set(weights) != set(expected) or reshaped:
+            missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
             raise CheckpointError(
-                f"checkpoint file {file} does not match this model's trainable weights "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the same model and LoRA options"
+                f"checkpoint file {file} does not match this model's adapter weights "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}, other shapes {reshaped[:3]}); "
+                "resume with the same model and LoRA options"
             )
         return weights
 

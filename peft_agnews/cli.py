@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from transformers import HfArgumentParser
+from peft_agnews.config import OptionParser
 
 COMMANDS = {
     "train": ("peft_agnews.train", "fine-tune with LoRA (see `peft-agnews train --help`)"),
@@ -27,7 +27,7 @@ COMMANDS = {
 
 def parse_args(dataclass_types: tuple, argv: Sequence[str] | None, description: str) -> tuple:
     """Parse argv into the given option dataclasses (each option declared once, in its dataclass)."""
-    parser = HfArgumentParser(dataclass_types, description=description)
+    parser = OptionParser(dataclass_types, description=description)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

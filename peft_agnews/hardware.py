@@ -21,7 +21,8 @@ LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def _launched() -> bool:
+def under_launcher() -> bool:
+    """True when `accelerate launch` or torchrun started this process (they export LAUNCHER_MARKERS)."""
     return any(marker in os.environ for marker in LAUNCHER_MARKERS)
 
 
@@ -49,10 +50,20 @@ def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | No
 def local_processes() -> int:
     """Processes sharing this machine: torchrun and `accelerate launch` (multi-process) export LOCAL_WORLD_SIZE;
     MPI launchers their own variables; a single process has none."""
+    return _launcher_local_processes() or 1
+
+
+def spans_machines(num_processes: int) -> bool:
+    """True when a run of `num_processes` processes has fewer of them on this machine, as its launcher says (when
+    it says nothing, one machine is assumed)."""
+    return num_processes > (_launcher_local_processes() or num_processes)
+
+
+def _launcher_local_processes() -> int | None:
     for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
         if os.environ.get(name, "").isdigit():
             return max(1, int(os.environ[name]))
-    return 1
+    return None
 
 
 def resolve_num_threads(requested: int = 0) -> tuple[int, str]:
@@ -63,7 +74,7 @@ def resolve_num_threads(requested: int = 0) -> tuple[int, str]:
     if requested > 0:
         return requested, "--num_threads"
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) >= 1 and not (omp == "1" and _launched()):
+    if omp.isdigit() and int(omp) >= 1 and not (omp == "1" and under_launcher()):
         return int(omp), "OMP_NUM_THREADS"
     return max(1, physical_cores() // local_processes()), "physical cores / local processes"
 

@@ -18,9 +18,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from peft_agnews.config import option, shared_option_problems, training_option
+from peft_agnews.config import MULTI_LABEL, LogLevel, option, shared_option_problems, training_option
 from peft_agnews.errors import UsageError, first_line
-from peft_agnews.artifacts import LABELS_FILE, read_label_names
+from peft_agnews.artifacts import LABELS_FILE, read_label_names, read_multi_label_threshold
 from peft_agnews.files import check_writable
 from peft_agnews.model import load_classification_model, load_pretrained_tokenizer, read_head_choice, replace_head
 
@@ -41,6 +41,11 @@ class ModelArgs:
     per_device_eval_batch_size: int = training_option("per_device_eval_batch_size", "Rows per batch per process.")
     max_length: int = training_option("max_length", "Truncate inputs to this many tokens (use the training value).")
     num_threads: int = training_option("num_threads")
+    multi_label_threshold: float | None = option(
+        None, "Multi-label classifiers: predict a class at sigmoid probability >= this (default: the training "
+        "run's, saved in labels.json, else 0.5).",
+    )
+    log_level: LogLevel = training_option("log_level")
 
     def __post_init__(self) -> None:
         if not self.adapter_dir and not self.model_name_or_path:
@@ -52,18 +57,41 @@ class ModelArgs:
 
 @dataclass
 class Classifier:
-    """A model in eval mode with its tokenizer and class names."""
+    """A model in eval mode with its tokenizer and class names; `multi_label_threshold` is set for a multi-label
+    classifier (a sigmoid per class) and None for a single-label one (softmax)."""
 
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     label_names: list[str]
     base_model: str
+    multi_label_threshold: float | None = None
 
 
 def load_classifier(args: ModelArgs) -> Classifier:
-    """The adapter on its base (checked to fit) or a merged model, with tokenizer and label names."""
-    if args.adapter_dir:
-        return _load_adapter(Path(args.adapter_dir), args)
+    """The adapter on its base (checked to fit) or a merged model, with tokenizer, label names and (multi-label)
+    threshold."""
+    classifier = _load_adapter(Path(args.adapter_dir), args) if args.adapter_dir else _load_merged(args)
+    if args.multi_label_threshold is not None:
+        if classifier.multi_label_threshold is None:
+            raise UsageError("--multi_label_threshold applies to multi-label classifiers; this one picks one class "
+                             "per row (labels.json / its config has no multi_label_classification problem_type)")
+        classifier.multi_label_threshold = args.multi_label_threshold
+    return classifier
+
+
+def _saved_threshold(folder: Path) -> float | None:
+    """labels.json's multi-label threshold, checked (None: a single-label classifier)."""
+    try:
+        threshold = read_multi_label_threshold(folder)
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise damaged(folder / LABELS_FILE, first_line(err)) from None
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold < 1):
+        raise damaged(folder / LABELS_FILE, f"multi_label_threshold is {threshold!r}, not a number in (0, 1)")
+    return threshold
+
+
+def _load_merged(args: ModelArgs) -> Classifier:
     model = _from_pretrained(args.model_name_or_path, "--model_name_or_path")
     names = args.label_names or [model.config.id2label[i] for i in range(model.config.num_labels)]
     if len(names) != model.config.num_labels:
@@ -72,7 +100,12 @@ def load_classifier(args: ModelArgs) -> Classifier:
             "pass one name per class to --label_names"
         )
     tokenizer = load_pretrained_tokenizer(args.model_name_or_path, "--model_name_or_path")
-    return Classifier(model.eval(), tokenizer, list(names), base_model=args.model_name_or_path)
+    threshold = None
+    if model.config.problem_type == MULTI_LABEL:
+        saved = Path(args.model_name_or_path)
+        threshold = (_saved_threshold(saved) if saved.is_dir() else None) or 0.5
+    return Classifier(model.eval(), tokenizer, list(names), base_model=args.model_name_or_path,
+                      multi_label_threshold=threshold)
 
 
 def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
@@ -81,17 +114,23 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
             f"{adapter_dir} is not an adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}); "
             "pass the adapter/ folder written by training, or a merged model with --model_name_or_path"
         )
-    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    adapter_config = read_adapter_config(adapter_dir)
+    trained_on = adapter_config.get("base_model_name_or_path")
     base_name = args.model_name_or_path or trained_on
     if not base_name:
         raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass it with --model_name_or_path")
     names = args.label_names or _saved_label_names(adapter_dir)
+    threshold = _saved_threshold(adapter_dir)
+    # The Hub revision training used (--model_revision), for the base it names; AutoPeftModel does the same.
+    revision = {"revision": adapter_config["revision"]} if adapter_config.get("revision") and base_name == trained_on else {}
     base = _from_pretrained(
         base_name,
         "--model_name_or_path" if args.model_name_or_path else f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}",
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
+        **({"problem_type": MULTI_LABEL} if threshold is not None else {}),
+        **revision,
     )
     # A head other than the base class's own (recorded in head.json by training) must be built before loading.
     replace_head(base, read_head_choice(adapter_dir))
@@ -103,7 +142,8 @@ def _load_adapter(adapter_dir: Path, args: ModelArgs) -> Classifier:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:  # not foreseen above: keep PEFT's first line
         raise UsageError(f"adapter {adapter_dir} does not load on {base_name}: {first_line(err)}") from None
-    return Classifier(model.eval(), load_pretrained_tokenizer(adapter_dir, "--adapter_dir"), list(names), base_model=base_name)
+    return Classifier(model.eval(), load_pretrained_tokenizer(adapter_dir, "--adapter_dir"), list(names),
+                      base_model=base_name, multi_label_threshold=threshold)
 
 
 def damaged(file: Path, detail: str) -> UsageError:

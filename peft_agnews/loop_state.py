@@ -1,7 +1,7 @@
 """The training loop's state and guards: counters and best weights (`TrainState`), the position in an epoch
 (`epoch_batches`), stop signals (`StopSignal`, `stop_when_launcher_dies`) and the non-finite check (`step_health`).
 
-`TrainState` is what a checkpoint's trainer_state.json and best.safetensors hold (see checkpointing.py).
+`TrainState` is what a checkpoint's trainer_state.json and adapter (or best.safetensors) hold (see checkpointing.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from peft_agnews.errors import NonFiniteError
+from peft_agnews.hardware import under_launcher
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Where a checkpoint keeps `TrainState.best_weights` (see checkpointing.py).
@@ -76,8 +77,7 @@ def stop_when_launcher_dies() -> None:
     orphan; killed with SIGKILL, a multi-process launcher leaves every rank running. With the parent-death
     signal the trainer stops as on any SIGTERM: checkpoint, exit 75.
     """
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
-    if not launched or not sys.platform.startswith("linux"):
+    if not under_launcher() or not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -107,7 +107,8 @@ def nonfinite_error(what: str, step: int, last_checkpoint: Path | None, best_ste
     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
     return NonFiniteError(
         f"non-finite {what} at optimizer step {step}: training stopped before applying it; {where} "
-        f"(best adapter so far: step {best_step}, in its {BEST_FILE}); "
+        f"(best adapter so far: step {best_step}, kept by the checkpoints: step_{best_step} when saved at that "
+        f"step, else the last one's {BEST_FILE}); "
         "lower --learning_rate or check the data, then start again"
     )
 
@@ -119,13 +120,15 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: where a resumed run continues
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # validation accuracy at best_step
     best_step: int = 0
+    best_metric: float | None = None  # validation --metric_for_best_model at best_step; None before any evaluation
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 grad-scaler overflow steps
     early_stopped: bool = False
-    tracker_run_id: str | None = None
-    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    tracker_run_id: str | None = None  # W&B's
+    mlflow_run_id: str | None = None
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's names (checkpointing.adapter_weights)
     # Validation (logits, labels) of the best step, in `eval_order`: for the misclassified-examples table.
     best_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
     samples_seen: int = 0  # this session only, for throughput
@@ -137,4 +140,18 @@ class TrainState:
     @classmethod
     def restore(cls, counters: dict, best_weights: dict[str, torch.Tensor]) -> TrainState:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)
+        state = cls(**{k: v for k, v in counters.items() if k in known}, best_weights=best_weights)
+        if "best_metric" not in counters and state.best_step:  # written before --metric_for_best_model: accuracy
+            state.best_metric = state.best_accuracy
+        return state
+
+    def record_evaluation(self, step: int, value: float, accuracy: float, greater_is_better: bool) -> bool:
+        """Count one evaluation whose --metric_for_best_model is `value`; True (and the best step, metric and
+        accuracy updated) when it is strictly better than the best so far, as the Trainer compares."""
+        improved = self.best_metric is None or (value > self.best_metric if greater_is_better else value < self.best_metric)
+        if improved:
+            self.best_metric, self.best_accuracy, self.best_step = value, accuracy, step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        return improved

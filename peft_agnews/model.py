@@ -20,8 +20,8 @@ from transformers import (
 )
 
 from peft_agnews.config import TrainConfig, rank_pattern_dict
-from peft_agnews.dropout import use_pcg64_dropout
 from peft_agnews.errors import GradientFlowError, UsageError, first_line
+from peft_agnews.heads import HEADS, OWN_HEAD, ours
 
 # Every Linear kind of a BERT/RoBERTa encoder layer: `--lora_target_modules` for LoRA on all of them.
 ALL_LINEAR_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -34,14 +34,14 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     alone, every text becomes `<s></s>`, and the run trains on nothing; that is refused here.
     """
     try:
-        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path).vocab_size
+        vocab_size = AutoConfig.from_pretrained(cfg.model_name_or_path, **hub_options(cfg)).vocab_size
     except (OSError, ValueError) as err:
         raise UsageError(
             f"could not load model '{cfg.model_name_or_path}' ({first_line(err)}); check --model_name_or_path"
         ) from None
     name = cfg.tokenizer_name or cfg.model_name_or_path
     flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path (or pass --tokenizer_name)"
-    tokenizer = load_pretrained_tokenizer(name, flag)
+    tokenizer = load_pretrained_tokenizer(name, flag, **hub_options(cfg))
     # Vocabularies padded to a multiple of 8/64 are a little larger than their tokenizers, never twice as large.
     if vocab_size and len(tokenizer) * 2 < vocab_size:
         raise UsageError(
@@ -52,10 +52,17 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_pretrained_tokenizer(name: str | Path, flag: str) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer.from_pretrained(name)`, a load failure a UsageError naming `flag` (what named the folder)."""
+def hub_options(cfg: TrainConfig) -> dict:
+    """`from_pretrained` keyword arguments for a model or tokenizer on the Hub: --model_revision, --token and
+    --cache_dir, as run_classification.py passes them (a local folder ignores them)."""
+    return {"revision": cfg.model_revision, "token": cfg.token, "cache_dir": cfg.cache_dir}
+
+
+def load_pretrained_tokenizer(name: str | Path, flag: str, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name, **kwargs)`, a load failure a UsageError naming `flag` (what named the
+    folder)."""
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise UsageError(f"could not load tokenizer '{name}' ({first_line(err)}); check {flag}") from None
 
@@ -79,9 +86,11 @@ def load_classification_model(name: str, flag: str, **kwargs) -> PreTrainedModel
 
 
 def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
-    """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`."""
+    """The pretrained encoder with a fresh classification head sized and named for `cfg.label_names`, and
+    transformers' problem_type for multi-label runs (its loss is then the binary cross-entropy)."""
     labels = cfg.resolved_label_names()
     kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    problem = {"problem_type": cfg.problem_type} if cfg.multi_label else {}
     return load_classification_model(
         cfg.model_name_or_path,
         "--model_name_or_path",
@@ -89,6 +98,8 @@ def load_base_model(cfg: TrainConfig) -> PreTrainedModel:
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         **kernel,
+        **problem,
+        **hub_options(cfg),
     )
 
 
@@ -106,8 +117,6 @@ def apply_lora(base: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
         set_dropout(base, cfg.model_dropout)
     rank = pick_lora_rank(base, cfg) if cfg.lora_r == "auto" else cfg.lora_r
     model = wrap_with_lora(base, cfg, rank)
-    if cfg.dropout_generator == "pcg64":
-        use_pcg64_dropout(model)  # after wrapping: PEFT's lora_dropout layers exist only now
     trainable, _ = count_parameters(model)
     if trainable > cfg.max_trainable_params:
         raise UsageError(
@@ -183,6 +192,8 @@ def lora_config(cfg: TrainConfig, rank: int, num_layers: int) -> LoraConfig:
         rank_pattern=rank_pattern_dict(cfg.lora_rank_pattern),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        # The base's Hub revision, which AutoPeftModel (and peft-agnews) load the adapter on; the default stays unset.
+        revision=None if cfg.model_revision == "main" else cfg.model_revision,
     )
 
 
@@ -246,16 +257,6 @@ def trainable_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 HEAD_FILE = "head.json"
-# Heads of our own: only peft-agnews can build them, so plain PEFT cannot load (or merge) their adapters.
-CUSTOM_HEADS = ("first_token", "mean")
-
-
-def custom_head_warning(head: str) -> str:
-    return (
-        f"warning: --classifier_head {head} is a research head: plain PEFT cannot load the adapter this run writes "
-        "(PeftModel.from_pretrained fails, export --merge refuses it); only peft-agnews evaluate/predict/export read "
-        "it. Use --classifier_head model_output for a standard, equally cheap head."
-    )
 
 
 class _MaskSlot:
@@ -303,7 +304,7 @@ def replace_head(base: PreTrainedModel, head: str) -> None:
     The head always receives the last hidden states: a BERT-style pooler (dense + tanh over the first token)
     becomes a pass-through, and the base's own dropout before the head is kept, so the head adds none there.
     """
-    if head not in CUSTOM_HEADS:
+    if not ours(head):
         return
     if not isinstance(getattr(base, "classifier", None), torch.nn.Module):
         raise UsageError(
@@ -325,23 +326,24 @@ def replace_head(base: PreTrainedModel, head: str) -> None:
 
 
 def save_head_choice(adapter_dir: Path, head: str) -> None:
-    """Record a custom head next to the adapter: loading it needs the same head built first."""
-    if head in CUSTOM_HEADS:
+    """Record one of our own heads next to the adapter: loading it needs the same head built first."""
+    if ours(head):
         (Path(adapter_dir) / HEAD_FILE).write_text(json.dumps({"classifier_head": head}) + "\n")
 
 
 def read_head_choice(adapter_dir: Path) -> str:
-    """The custom head an adapter was trained with ('model' when no head.json: the base class's own head, which
-    plain PEFT rebuilds); a damaged head.json is a UsageError."""
+    """The head of our own an adapter was trained with (`heads.OWN_HEAD` when no head.json: the base class's own
+    head, which plain PEFT rebuilds); a damaged head.json is a UsageError."""
     file = Path(adapter_dir) / HEAD_FILE
     if not file.is_file():
-        return "model"
+        return OWN_HEAD
     try:
         head = json.loads(file.read_text())["classifier_head"]
     except (ValueError, KeyError, TypeError):
         head = None
-    if head not in CUSTOM_HEADS:
-        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(CUSTOM_HEADS)}}}); "
+    recorded = [name for name in HEADS if ours(name)]
+    if head not in recorded:
+        raise UsageError(f"{file} is damaged (expected {{\"classifier_head\": one of {', '.join(recorded)}}}); "
                          "restore it from the training run's adapter folder")
     return head
 
@@ -359,25 +361,6 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
-
-
-def cast_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights and biases of Linear layers in `dtype`; returns how many tensors were cast.
-
-    Under autocast every Linear casts its fp32 weight to the half dtype on each call (autocast caches only
-    leaves that require grad), so frozen weights were re-cast every forward and every backward. Casting them
-    once gives the matmuls the very same half-precision values: results are unchanged. Trainable tensors
-    (LoRA, the head, LoRA-side biases), embeddings and LayerNorms stay fp32.
-    """
-    cast = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:
-            continue
-        for param in (module.weight, module.bias):
-            if param is not None and not param.requires_grad and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                cast += 1
-    return cast
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

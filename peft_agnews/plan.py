@@ -1,4 +1,5 @@
-"""How much work a run does (optimizer steps, epochs, warmup, effective batch) and its learning-rate schedule."""
+"""How much work a run does (optimizer steps, epochs, warmup, effective batch), when it evaluates and checkpoints,
+its optimizer and its learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from peft_agnews.config import TrainConfig
+from peft_agnews.errors import UsageError, first_line
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Plan:
             batches_per_process=batches,
             steps_per_epoch=per_epoch,
             total_steps=total,
-            warmup_steps=math.ceil(cfg.warmup_ratio * total),
+            warmup_steps=warmup_steps(cfg, total),
             num_epochs=math.ceil(total / per_epoch),
             effective_batch=cfg.effective_batch(procs),
             per_device_batch=cfg.per_device_train_batch_size,
@@ -78,6 +80,55 @@ class Plan:
             "batches_per_process": self.batches_per_process, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "total_steps": self.total_steps, "seed": cfg.seed, "mixed_precision": self.mixed_precision,
         }
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """--warmup_steps when > 0 (a count, or a fraction of the steps below 1, as TrainingArguments.get_warmup_steps
+    reads it), else --warmup_ratio of the steps."""
+    if cfg.warmup_steps >= 1:
+        return int(cfg.warmup_steps)
+    return math.ceil((cfg.warmup_steps or cfg.warmup_ratio) * total_steps)
+
+
+def evaluates_at(cfg: TrainConfig, plan: Plan, step: int) -> bool:
+    """Whether --eval_strategy evaluates after optimizer step `step` (every strategy also after the last step)."""
+    if step == plan.total_steps:
+        return True
+    if cfg.eval_strategy == "steps":
+        return step % cfg.eval_steps == 0
+    return cfg.eval_strategy == "epoch" and step % plan.steps_per_epoch == 0
+
+
+def saves_at(cfg: TrainConfig, plan: Plan, step: int, improved: bool) -> bool:
+    """Whether --save_strategy writes a checkpoint after step `step`; `improved`: this step's evaluation set a new
+    best --metric_for_best_model."""
+    if cfg.save_strategy == "steps":
+        return bool(cfg.save_steps) and step % cfg.save_steps == 0
+    if cfg.save_strategy == "epoch":
+        return step % plan.steps_per_epoch == 0 or step == plan.total_steps
+    return cfg.save_strategy == "best" and improved
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups with --adam_beta1/2 and --adam_epsilon; --optim adamw_torch_fused uses
+    PyTorch's fused kernel, refused on a device that has none."""
+    fused = {"fused": True} if cfg.optim == "adamw_torch_fused" else {}
+    if fused:
+        check_fused_adamw(device)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, **fused)
+
+
+def check_fused_adamw(device: torch.device) -> None:
+    """Raise a UsageError unless PyTorch has a fused AdamW step for `device` (one step on a one-element tensor
+    there: PyTorch checks the device only when it steps)."""
+    param = torch.zeros(1, device=device, requires_grad=True)
+    param.grad = torch.zeros(1, device=device)
+    try:
+        torch.optim.AdamW([param], fused=True).step()
+    except (RuntimeError, NotImplementedError) as err:
+        raise UsageError(f"--optim adamw_torch_fused: PyTorch has no fused AdamW for device {device.type} "
+                         f"({first_line(err)}); use --optim adamw_torch") from None
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, plan: Plan):

@@ -1,5 +1,8 @@
 """Classify an unlabelled file and write a submission CSV `ID,Label` (+ label names and probabilities on request).
 
+A multi-label classifier writes each row's classes (those at sigmoid probability >= its threshold) joined by
+--label_separator, e.g. `0,3` (and `World,Sci/Tech` in label_name); an empty field when no class applies.
+
     accelerate launch peft_agnews/predict.py --adapter_dir outputs/agnews-lora/adapter \\
         --input_file test.parquet --output_file submission.csv
     python -m peft_agnews.predict ...        peft-agnews predict ...
@@ -19,11 +22,14 @@ from pathlib import Path
 import pandas as pd
 
 from peft_agnews.cli import parse_args
-from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, non_string_text, read_table
+from peft_agnews.data import TABLE_SUFFIXES, canonical_text, check_input_file, read_table
+from peft_agnews.labels import non_string_text
 from peft_agnews.errors import UsageError, first_line, run_command
 from peft_agnews.files import atomic_write
-from peft_agnews.config import option
-from peft_agnews.loading import ModelArgs, check_output_path, load_classifier
+from peft_agnews.config import label_separator_problems, option, training_option
+from peft_agnews.console import log_level
+from peft_agnews.loading import Classifier, ModelArgs, check_output_path, load_classifier
+from peft_agnews.metrics import multi_label_predictions
 from peft_agnews.scoring import score_texts
 from peft_agnews.runtime import accelerator_session
 
@@ -38,13 +44,18 @@ class PredictArgs:
     text_column: str = option("text", "Column holding the text (else title + description are joined, as in training).")
     id_column: str = option("ID", "Column copied to the output's ID (default: the row index when absent).")
     with_label_names: bool = option(False, "Add a label_name column.")
-    with_probabilities: bool = option(False, "Add one prob_<class> column per class (softmax).")
+    with_probabilities: bool = option(
+        False, "Add one prob_<class> column per class (softmax; multi-label: each class's sigmoid).")
+    label_separator: str = training_option(
+        "label_separator", "Multi-label: the separator between a row's classes in Label and label_name.")
     trust_pickle: bool = option(False, "Allow reading a pandas pickle: unpickling runs code from the file.")
     overwrite: bool = option(False, "Replace an existing output file.")
 
     def __post_init__(self) -> None:
         if not self.input_file or not self.output_file:
             raise UsageError("give --input_file (rows to classify) and --output_file (the CSV to write)")
+        for problem in label_separator_problems(self):
+            raise UsageError(problem)
 
 
 def read_unlabelled(args: PredictArgs) -> tuple[list, list[str]]:
@@ -101,14 +112,21 @@ def _texts(frame: pd.DataFrame, path: Path, text_column: str) -> list[str]:
     )
 
 
-def predictions_frame(ids: list, logits, label_names: list[str], args: PredictArgs) -> pd.DataFrame:
+def predictions_frame(ids: list, logits, classifier: Classifier, args: PredictArgs) -> pd.DataFrame:
     """The output table, one row per input row, in input order."""
-    preds = logits.argmax(dim=-1).tolist()
-    out = pd.DataFrame({"ID": ids, "Label": preds})
-    if args.with_label_names:
-        out["label_name"] = [label_names[p] for p in preds]
+    label_names, threshold = classifier.label_names, classifier.multi_label_threshold
+    if threshold is None:
+        preds = logits.argmax(dim=-1).tolist()
+        out = pd.DataFrame({"ID": ids, "Label": preds})
+        if args.with_label_names:
+            out["label_name"] = [label_names[p] for p in preds]
+    else:
+        chosen = [row.nonzero().flatten().tolist() for row in multi_label_predictions(logits, threshold)]
+        out = pd.DataFrame({"ID": ids, "Label": [args.label_separator.join(map(str, row)) for row in chosen]})
+        if args.with_label_names:
+            out["label_name"] = [args.label_separator.join(label_names[i] for i in row) for row in chosen]
     if args.with_probabilities:
-        probs = logits.softmax(dim=-1).numpy()
+        probs = (logits.softmax(dim=-1) if threshold is None else logits.float().sigmoid()).numpy()
         for i, name in enumerate(label_names):
             out[f"prob_{name}"] = probs[:, i]
     return out
@@ -122,13 +140,19 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     model_args, args = parse_args((ModelArgs, PredictArgs), argv, description=__doc__.splitlines()[0])
+    with log_level(model_args.log_level):
+        return predict(model_args, args)
+
+
+def predict(model_args: ModelArgs, args: PredictArgs) -> pd.DataFrame:
+    """Classify --input_file and write --output_file (main process); every process returns the table."""
     output = Path(args.output_file)
     check_output_path(output, args.overwrite)
     ids, texts = read_unlabelled(args)
     classifier = load_classifier(model_args)
     with accelerator_session(model_args.num_threads) as accelerator:
-        logits, _ = score_texts(classifier, texts, None, accelerator, model_args)
-        frame = predictions_frame(ids, logits, classifier.label_names, args)
+        logits, _ = score_texts(classifier, texts, None, accelerator, model_args, progress="predict")
+        frame = predictions_frame(ids, logits, classifier, args)
         if accelerator.is_main_process:
             write_csv(frame, output)
             print(f"wrote {len(frame)} predictions to {output}")

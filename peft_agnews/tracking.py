@@ -1,4 +1,5 @@
-"""Run tracking: every scalar goes to `<output_dir>/metrics.jsonl` and, when enabled, to W&B via Accelerate.
+"""Run tracking: every scalar goes to `<output_dir>/metrics.jsonl` and to the trackers `--report_to` names (W&B,
+TensorBoard, MLflow: Accelerate's trackers, chosen and set up in trackers.py).
 
 The files in `<output_dir>` hold everything the W&B run shows, so nothing depends on the service:
 `run_config.json` (the logged config), `metrics.jsonl` (every logged scalar, on the optimizer-step axis),
@@ -8,88 +9,27 @@ The files in `<output_dir>` hold everything the W&B run shows, so nothing depend
 
 from __future__ import annotations
 
-import configparser
 import json
-import netrc
 import os
 import platform
+import re
 import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
 import torch
 from accelerate import Accelerator
 
 from peft_agnews.config import TrainConfig
-from peft_agnews.errors import UsageError
 from peft_agnews.artifacts import write_json
 from peft_agnews.files import append_line, atomic_write
+from peft_agnews.trackers import (
+    flat_config, mlflow_store, project_name, resolve_trackers, resolve_wandb_mode, tracker_init_kwargs, wandb_log_model,
+)
 
-DEFAULT_PROJECT = "peft-agnews"
-CLOUD_URL = "https://api.wandb.ai"
-# wandb itself still accepts these legacy WANDB_MODE spellings.
-MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "wandb")
-
-
-def wandb_base_url() -> str:
-    """The W&B server: $WANDB_BASE_URL, else the host `wandb login --host` saved in W&B's settings file, else the
-    cloud. Read the way wandb reads it, so a self-hosted server's login is found where wandb will look."""
-    if os.environ.get("WANDB_BASE_URL"):
-        return os.environ["WANDB_BASE_URL"]
-    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser() / "settings"
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(settings)
-    except (OSError, configparser.Error):
-        return CLOUD_URL
-    return parser.get("default", "base_url", fallback=CLOUD_URL)
-
-
-def wandb_key_configured() -> bool:
-    """True when W&B has credentials for its server: WANDB_API_KEY, or a netrc entry ($NETRC, else ~/.netrc) for
-    that server's host, as `wandb login [--host]` writes. Only presence is checked; the key is never read out."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(wandb_base_url()).netloc
-    try:
-        return bool(host) and netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode() -> str:
-    """WANDB_MODE when set; else online with a key, offline without (an unauthenticated online run hangs ~100 s)."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
-
-
-def resolve_wandb_mode(cfg: TrainConfig) -> str | None:
-    """The W&B mode this run uses ('online' or 'offline'), or None when tracking is off.
-
-    `--report_to wandb` follows `wandb_mode()`; `online`/`offline` force a mode; `none`/`disabled` (or
-    WANDB_MODE=disabled) turn tracking off."""
-    if cfg.report_to in ("none", "disabled"):
-        return None
-    mode = wandb_mode() if cfg.report_to == "wandb" else cfg.report_to
-    mode = MODE_ALIASES.get(mode, mode)
-    if mode == "disabled":
-        return None
-    if mode not in ("online", "offline"):
-        raise UsageError(f"WANDB_MODE={mode} is not a W&B mode; use online, offline or disabled")
-    if mode == "online" and not wandb_key_configured():
-        raise UsageError(
-            "W&B online mode needs an API key: set WANDB_API_KEY or run `wandb login`, "
-            "or use --report_to offline (and `wandb sync` later)"
-        )
-    return mode
-
-
-def tracker_name(cfg: TrainConfig) -> str | None:
-    """The Accelerate `log_with` value for this config."""
-    return "wandb" if resolve_wandb_mode(cfg) else None
 
 
 def library_versions() -> dict[str, str]:
@@ -134,7 +74,7 @@ class ThroughputMeter:
         self.excluded = 0.0
 
     def update(self, batch: dict[str, torch.Tensor]) -> None:
-        self.samples += batch["labels"].numel()
+        self.samples += len(batch["labels"])  # rows (multi-label labels have a column per class)
         self.tokens += batch["attention_mask"].sum()
 
     @contextmanager
@@ -163,15 +103,20 @@ class RunLogger:
         self.output_dir = output_dir
         self.path = output_dir / "metrics.jsonl"
         self.mode: str | None = None
+        self.trackers: list[str] = []
+        self.log_model = "false"
+        self.run_name: str | None = None
 
     def start(
-        self, cfg: TrainConfig, run_config: dict[str, Any], resume_run_id: str | None = None, resume_step: int | None = None
+        self, cfg: TrainConfig, run_config: dict[str, Any], resume_run_ids: dict[str, str] | None = None,
+        resume_step: int | None = None,
     ) -> None:
-        """Open the tracker run (if any) with `run_config` (see `describe_run`), and start the metrics files.
+        """Open the tracker runs (if any) with `run_config` (see `describe_run`), and start the metrics files.
 
         A fresh run starts them empty. A run resumed at `resume_step` keeps their events up to that step (later
-        ones were logged after the checkpoint and will be logged again), and `resume_run_id` (the earlier run's
-        `run_id`, saved in the checkpoint) reopens that W&B run, so the dashboard shows one continuous run."""
+        ones were logged after the checkpoint and will be logged again; TensorBoard purges them likewise), and
+        `resume_run_ids` (the earlier runs' `run_ids`, saved in the checkpoint) reopen those W&B and MLflow runs, so
+        each shows one continuous run."""
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for path in (self.path, self.output_dir / "confusion_matrices.jsonl"):
@@ -181,54 +126,74 @@ class RunLogger:
                 with atomic_write(path) as handle:
                     handle.write("".join(keep))
             write_json(self.output_dir / "run_config.json", run_config)
-        self.mode = resolve_wandb_mode(cfg)
-        if self.mode is None:
+        self.trackers = resolve_trackers(cfg)
+        self.mode = resolve_wandb_mode(cfg) if "wandb" in self.trackers else None
+        self.log_model = wandb_log_model() if self.mode else "false"
+        self.run_name = cfg.run_name
+        if not self.trackers:
             return
-        init: dict[str, Any] = {"mode": self.mode, "dir": str(self.output_dir.resolve())}
-        # The flags win; unset, W&B's own environment variables apply (Accelerate always passes a project).
-        entity = cfg.wandb_entity or os.environ.get("WANDB_ENTITY")
-        optional = {"entity": entity, "group": cfg.wandb_group, "name": cfg.run_name, "id": resume_run_id}
-        init.update({k: v for k, v in optional.items() if v})
-        if cfg.wandb_tags:
-            init["tags"] = list(cfg.wandb_tags)
-        if resume_run_id:
-            init["resume"] = "allow"
-        project = cfg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
-        self.accelerator.init_trackers(project, config=run_config, init_kwargs={"wandb": init})
+        kwargs = tracker_init_kwargs(cfg, self.output_dir, resume_run_ids or {}, resume_step)
+        if "mlflow" in self.trackers and self.accelerator.is_main_process:
+            import mlflow
+
+            chosen = os.environ.get("MLFLOW_TRACKING_URI")
+            mlflow.set_tracking_uri(mlflow_store(self.output_dir)[0])
+            if chosen is None:  # set_tracking_uri exports it too: a later run in this process picks its own store
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+        self.accelerator.init_trackers(project_name(cfg), init_kwargs=kwargs)
+        if not self.accelerator.is_main_process:
+            return
+        # W&B keeps the nested config; TensorBoard's hparams and MLflow's params are flat scalars.
+        for tracker in self.accelerator.trackers:
+            tracker.store_init_configuration(run_config if tracker.name == "wandb" else flat_config(run_config))
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_text("config", json.dumps(run_config, indent=1))
+
+    def _tracker(self, name: str) -> Any:
+        """Accelerate's tracker `name` on the main process of a run reporting to it, else None."""
+        if name not in self.trackers or not self.accelerator.is_main_process:
+            return None
+        return self.accelerator.get_tracker(name)
 
     @property
     def wandb_run(self) -> Any:
-        """The live `wandb.Run` on the main process of a tracked run, else None."""
-        if self.mode is None or not self.accelerator.is_main_process:
-            return None
-        return self.accelerator.get_tracker("wandb", unwrap=True)
+        """The live `wandb.Run` on the main process of a W&B-tracked run, else None."""
+        tracker = self._tracker("wandb")
+        return tracker.tracker if tracker is not None else None
 
     @property
     def run_id(self) -> str | None:
-        """The W&B run id (main process of a tracked run), to store in checkpoints and pass back to `start`."""
+        """The W&B run id (main process of a tracked run)."""
         run = self.wandb_run
         return run.id if run is not None else None
 
+    @property
+    def run_ids(self) -> dict[str, str]:
+        """The W&B and MLflow run ids (main process), to store in checkpoints and pass back to `start`."""
+        mlflow = self._tracker("mlflow")
+        ids = {"wandb": self.run_id, "mlflow": mlflow.tracker.info.run_id if mlflow is not None else None}
+        return {name: run_id for name, run_id in ids.items() if run_id}
+
     def log(self, metrics: dict[str, float], step: int, media: dict[str, Any] | None = None) -> None:
         """Log scalars at `step` (optimizer steps); `media` (charts, tables) goes to W&B only, with them."""
-        self.accelerator.log({**metrics, **(media or {})}, step=step)
+        self.accelerator.log(metrics, step=step)
+        if media and self.wandb_run is not None:
+            self._tracker("wandb").log(media, step=step)
         if self.accelerator.is_main_process:
             self._append(self.path, {"step": step, "time": time.time(), **metrics})
 
     def log_evaluation(self, split: str, metrics: dict[str, Any], label_names: list[str], step: int) -> dict[str, float]:
         """Log `classification_metrics` output as `<split>/...` scalars (per-class F1 as `<split>/f1_<class>`)
-        and a confusion-matrix chart. Returns the scalars."""
-        scalars = {
-            f"{split}/{k}": v for k, v in metrics.items() if k not in ("f1_per_class", "confusion_matrix", "num_examples")
-        }
+        and a confusion-matrix chart (single-label). Returns the scalars."""
+        scalars = {f"{split}/{k}": v for k, v in metrics.items() if k != "num_examples" and not isinstance(v, list)}
         for name, f1 in zip(label_names, metrics["f1_per_class"]):
             scalars[f"{split}/f1_{class_key(name)}"] = f1
-        matrix = metrics["confusion_matrix"]
+        matrix = metrics.get("confusion_matrix")  # none for multi-label class sets
         media = {}
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and matrix is not None:
             media[f"{split}/confusion_matrix"] = confusion_chart(matrix, label_names, f"{split} confusion matrix, step {step}")
         self.log(scalars, step, media)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and matrix is not None:
             record = {"step": step, "split": split, "labels": label_names, "matrix": matrix}
             self._append(self.output_dir / "confusion_matrices.jsonl", record)
         return scalars
@@ -245,19 +210,42 @@ class RunLogger:
 
             columns = list(rows[0])
             table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-            self.accelerator.log({key: table}, step=step)
+            self._tracker("wandb").log({key: table}, step=step)
 
-    def finish_run(self, summary: dict[str, Any], adapter_dir: Path, metadata: dict[str, Any]) -> None:
-        """Set the run summary and log `adapter_dir` as a model artifact (aliases best, latest). Main process."""
+    def finish_run(self, summary: dict[str, Any], adapter_dir: Path, metadata: dict[str, Any], step: int) -> None:
+        """The run summary to every tracker (W&B's summary; TensorBoard scalars and MLflow metrics named
+        `results/<key>` at `step`), the adapter to MLflow's artifacts and, with WANDB_LOG_MODEL end or checkpoint,
+        to W&B. Main process."""
+        numbers = {f"results/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        for name in ("tensorboard", "mlflow"):
+            if self._tracker(name) is not None:
+                self._tracker(name).log(numbers, step=step)
+        if self._tracker("mlflow") is not None:
+            self._tracker("mlflow").log_artifacts(str(adapter_dir), artifact_path="adapter")
         run = self.wandb_run
         if run is None:
             return
+        run.summary.update(summary)
+        if self.log_model != "false":
+            self._log_model_artifact(adapter_dir, {**summary, **metadata}, aliases=["final_model", "best"])
+
+    def log_checkpoint(self, folder: Path, step: int, epoch: float) -> None:
+        """With WANDB_LOG_MODEL=checkpoint, upload the checkpoint just written (a loadable adapter), aliased as the
+        Trainer's integration aliases its checkpoints. Main process."""
+        if self.log_model == "checkpoint" and self.wandb_run is not None:
+            aliases = [f"epoch_{round(epoch, 2)}", f"checkpoint_global_step_{step}"]
+            self._log_model_artifact(folder, {"step": step, "epoch": epoch}, aliases)
+
+    def _log_model_artifact(self, folder: Path, metadata: dict[str, Any], aliases: list[str]) -> None:
+        """`folder` as a new version of the run's `model-<run id>` artifact (`model-<run name>` with --run_name),
+        type model: the Trainer's names."""
         import wandb
 
-        run.summary.update(summary)
-        artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata={**summary, **metadata})
-        artifact.add_dir(str(adapter_dir))
-        run.log_artifact(artifact, aliases=["best", "latest"])
+        run = self.wandb_run
+        name = f"model-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.run_name) if self.run_name else run.id}"
+        artifact = wandb.Artifact(name, type="model", metadata=metadata)
+        artifact.add_dir(str(folder))
+        run.log_artifact(artifact, aliases=aliases)
 
     @staticmethod
     def _append(path: Path, record: dict[str, Any]) -> None:

@@ -18,15 +18,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from datasets import DatasetDict
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -36,46 +36,45 @@ from peft_agnews.checkpointing import (
     OPTIONS_KEY,
     Checkpointer,
     CorruptCheckpointError,
-    load_trainable,
+    adapter_weights,
+    load_adapter_weights,
     read_state,
     resolve_checkpoint,
-    trainable_weights,
     with_older_hint,
 )
-from peft_agnews.config import TrainConfig, parse_config
+from peft_agnews.config import TrainConfig, mask_secret_arguments, parse_config
+from peft_agnews.console import log_level, logger as log, progress_bar
 from peft_agnews.data import fingerprint_rows, load_splits_and_validation_source
-from peft_agnews.errors import TrainingInterrupted, UsageError, run_command
+from peft_agnews.labels import class_names
+from peft_agnews.errors import TrainingInterrupted, UsageError, first_line, run_command
 from peft_agnews.files import LOCK_FILE, OutputLock
 from peft_agnews.hardware import resolve_mixed_precision
+from peft_agnews.hub import push
 from peft_agnews.runtime import accelerator_session, distributed_on_cpu
 from peft_agnews.metrics import classification_metrics, classification_report, worst_misclassified
 from peft_agnews.scoring import predict_logits, score_split
-from peft_agnews.artifacts import save_adapter, write_json
+from peft_agnews import speed
+from peft_agnews.artifacts import save_adapter, write_adapter_companions, write_json
 from peft_agnews.loop_state import (
     StopSignal, TrainState, epoch_batches, nonfinite_error, step_health, stop_when_launcher_dies,
 )
-from peft_agnews.frozen_prefix import FrozenPrefixLayers, attach_cache, describe_prefix, enable_frozen_prefix, first_token_last_layer
 from peft_agnews.figures import write_run_plots
 from peft_agnews.model_card import write_adapter_card
+from peft_agnews.heads import ours, research_head_warning
 from peft_agnews.model import (
-    CUSTOM_HEADS,
     apply_lora,
     trainable_breakdown,
-    cast_frozen_linear_weights,
     targets_without_lora,
     check_gradient_flow,
-    custom_head_warning,
     count_parameters,
     load_base_model,
     load_tokenizer,
     optimizer_param_groups,
 )
-from peft_agnews.compilation import CompileStats, compile_layers
 from peft_agnews.objectives import classification_loss
-from peft_agnews.plan import Plan, make_scheduler
-from peft_agnews.precision import hold_base_in_half
-from peft_agnews.prefix_cache import CACHE_DIR
-from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run, tracker_name
+from peft_agnews.plan import Plan, evaluates_at, make_optimizer, make_scheduler, saves_at
+from peft_agnews.trackers import report_to_notes, resolve_trackers, tensorboard_dir
+from peft_agnews.tracking import RunLogger, ThroughputMeter, describe_run
 
 # Rows in the end-of-run table of misclassified validation examples (most confident mistakes first).
 MISCLASSIFIED_ROWS = 50
@@ -96,18 +95,16 @@ def run_precision(cfg: TrainConfig) -> str:
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:
-    """The training Accelerator's precision, accumulation and tracker (see `runtime.accelerator_session`).
+    """The training Accelerator's precision, accumulation and trackers (see `runtime.accelerator_session`).
 
     A half-precision base computes in bf16 by its own dtype: the Accelerator then adds no autocast."""
     precision = run_precision(cfg)
-    if cfg.half_precision_base and precision != "bf16":
-        raise UsageError(f"--half_precision_base needs bf16, but this run computes in "
-                         f"{'fp32' if precision == 'no' else precision}; pass --mixed_precision bf16 (slow on a CPU "
-                         "without bf16 instructions) or drop --half_precision_base")
     return dict(
         mixed_precision="no" if cfg.half_precision_base else precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=tracker_name(cfg),
+        log_with=resolve_trackers(cfg) or None,
+        # TensorBoard writes under logging_dir (trackers.tensorboard_dir); nothing else reads these folders.
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(tensorboard_dir(Path(cfg.output_dir)))),
         # We step the scheduler once per real optimizer step ourselves: its length is counted in optimizer steps,
         # not multiplied by the process count as Accelerate's default stepping assumes.
         step_scheduler_with_optimizer=False,
@@ -164,7 +161,7 @@ def lock_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputLock:
 
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export. Returns results (None for a dry run)."""
-    with accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
+    with log_level(cfg.log_level), accelerator_session(cfg.num_threads, **accelerator_options(cfg)) as accelerator:
         # --global_batch_size: the micro-batch and accumulation follow from the process count, known only now.
         cfg = cfg.for_processes(accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
@@ -196,9 +193,9 @@ class Built:
     plan: Plan
     trainable_params: int
     total_params: int
-    prefix: FrozenPrefixLayers | None
+    prefix: speed.FrozenPrefixLayers | None
     frozen_dtype: torch.dtype  # of the frozen prefix's cache: the half precision in use, else fp32
-    compile_stats: CompileStats | None = None  # graphs compiled and compile time since the model was built
+    compile_stats: speed.CompileStats | None = None  # graphs compiled and compile time since the model was built
 
 
 @dataclass
@@ -214,7 +211,7 @@ class Optimisation:
 
 def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
     wall_start = time.perf_counter()
-    out, resume_from, tracker_run_id = start_run(cfg, accelerator)
+    out, resume_from, tracker_run_ids = start_run(cfg, accelerator)
     data = build_data(cfg, accelerator)
     cfg = data.cfg
     built = build_model(cfg, data, accelerator, out)
@@ -222,11 +219,15 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
         describe_trainable(cfg, built, accelerator)
         return None
     optim = build_optimisation(cfg, data, built, accelerator, out)
+    # Each checkpoint is also a plain adapter: PEFT's files plus the tokenizer, labels.json and head.json.
+    companions = partial(write_adapter_companions, tokenizer=data.tokenizer, label_names=cfg.label_names,
+                         classifier_head=cfg.classifier_head,
+                         multi_label_threshold=cfg.multi_label_threshold if cfg.multi_label else None)
     checkpointer = Checkpointer(accelerator, optim.model, out / "checkpoints", cfg.save_total_limit,
-                                run_shape(cfg, data, built), fresh=resume_from is None)
+                                run_shape(cfg, data, built), fresh=resume_from is None, companions=companions)
     with latest_hint(cfg, resume_from):
         state = TrainState.restore(*checkpointer.load(resume_from)) if resume_from else TrainState()
-    logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_id, resumed=resume_from is not None)
+    logger = start_logging(cfg, data, built, accelerator, out, state, tracker_run_ids, resumed=resume_from is not None)
     started = time.perf_counter()
     with StopSignal() as stop:
         fit(cfg, built.plan, accelerator, optim, logger, checkpointer, state, stop)
@@ -234,18 +235,20 @@ def _run(cfg: TrainConfig, accelerator: Accelerator) -> dict | None:
                   runtime=time.perf_counter() - started, wall_start=wall_start)
 
 
-def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, str | None]:
+def start_run(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path | None, dict[str, str]]:
     """Seed, check the output folder, and find the checkpoint to resume from: (output folder, checkpoint or None,
-    the tracker run id it recorded)."""
-    if cfg.classifier_head in CUSTOM_HEADS and accelerator.is_main_process:
-        print(custom_head_warning(cfg.classifier_head), file=sys.stderr)
+    the tracker run ids it recorded)."""
+    if accelerator.is_main_process:
+        for note in report_to_notes(cfg) + ([research_head_warning(cfg.classifier_head)] if ours(cfg.classifier_head) else []):
+            print(note, file=sys.stderr)
     set_seed(cfg.seed)
     out = check_output_dir(cfg)
     resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints", cfg.overwrite_output_dir, accelerator.print)
     # Read the checkpoint's JSON state now: a corrupt one fails before minutes of data and model loading.
     with latest_hint(cfg, resume_from):
-        tracker_run_id = read_state(resume_from)["counters"].get("tracker_run_id") if resume_from else None
-    return out, resume_from, tracker_run_id
+        counters = read_state(resume_from)["counters"] if resume_from else {}
+    run_ids = {"wandb": counters.get("tracker_run_id"), "mlflow": counters.get("mlflow_run_id")}
+    return out, resume_from, {name: run_id for name, run_id in run_ids.items() if run_id}
 
 
 def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
@@ -255,7 +258,7 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator) -> Data:
         splits, validation_source = load_splits_and_validation_source(cfg)
         tokenized = tokenize_splits(splits, tokenizer, cfg.max_length)
     # The class names are known now (--label_names, else the dataset's ClassLabel names).
-    cfg = replace(cfg, label_names=splits["train"].features["label"].names)
+    cfg = replace(cfg, label_names=class_names(splits["train"].features["label"]))
     loaders = make_dataloaders(tokenized, tokenizer, cfg, accelerator.num_processes)
     return Data(cfg, tokenizer, splits, tokenized, loaders, validation_source)
 
@@ -267,35 +270,21 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     if unplaced and accelerator.is_main_process:
         print(f"warning: --lora_target_modules {unplaced} got no LoRA: outside --lora_layers {cfg.lora_layers} "
               "(LoRA goes inside the encoder's layers only) or excluded by --lora_exclude_modules", file=sys.stderr)
-    # With LoRA on the top layers only, the layers below run without autograd (and, opted in, from a cache).
-    prefix = enable_frozen_prefix(model) if cfg.frozen_prefix else None
-    if cfg.cache_frozen_prefix and prefix is None:
-        raise UsageError("--cache_frozen_prefix needs frozen bottom layers: pass --lora_layers topK with K below "
-                         "the model's layer count (and no trainable embeddings)")
-    if cfg.first_token_last_layer:
-        first_token_last_layer(model, cfg.classifier_head)
-    trainable, total_params = count_parameters(model)
+    # The speed options (PCG64 masks, the frozen prefix, the first-token last layer, the dtype of the frozen base,
+    # torch.compile): see speed/__init__.py.
     precision = run_precision(cfg)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if cfg.half_precision_base:
-        cast = hold_base_in_half(model, half)
-        accelerator.print(f"half-precision base: {cast} frozen tensors held in bf16, run without autocast; LoRA and "
-                          "head in fp32")
-    elif half is not None and cfg.cast_frozen_weights:
-        cast_frozen_linear_weights(model, half)
-    compile_stats = CompileStats.start() if cfg.torch_compile else None
-    if cfg.torch_compile:
-        compiled = compile_layers(model, cfg.torch_compile_mode)
-        accelerator.print(f"torch.compile: {compiled} module(s) compiled in place (inductor, mode "
-                          f"{cfg.torch_compile_mode or 'default'}); graphs compile on first use")
+    compile_stats = speed.CompileStats.start() if cfg.torch_compile else None
+    prefix = speed.apply(model, cfg, accelerator.num_processes, precision, say=log.info)
+    trainable, total_params = count_parameters(model)
+    half = speed.HALF.get(precision)
     splits = data.splits
     plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator, precision,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
-    accelerator.print(plan.describe(trainable, total_params))
+    log.info(plan.describe(trainable, total_params))
     if prefix is not None:
-        accelerator.print(describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
-                                          model.get_base_model().config.hidden_size, half or torch.float32,
-                                          out / CACHE_DIR))
+        log.info(speed.describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
+                                       model.get_base_model().config.hidden_size, half or torch.float32,
+                                       out / speed.CACHE_DIR))
     return Built(model, plan, trainable, total_params, prefix, half or torch.float32, compile_stats)
 
 
@@ -311,10 +300,10 @@ def describe_trainable(cfg: TrainConfig, built: Built, accelerator: Accelerator)
 def build_optimisation(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path) -> Optimisation:
     """AdamW over the trainable parameters, the schedule, and `accelerator.prepare` (FSDP: LoRA-aware wrapping)."""
     if cfg.cache_frozen_prefix:
-        attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"], built.frozen_dtype,
-                     out / CACHE_DIR, accelerator)
+        speed.attach_cache(built.prefix, built.model, cfg, data.splits["train"], data.tokenized["train"],
+                           built.frozen_dtype, out / speed.CACHE_DIR, accelerator)
     groups = optimizer_param_groups(built.model, cfg.weight_decay, cfg.head_learning_rate)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    optimizer = make_optimizer(cfg, groups, accelerator.device)
     scheduler = make_scheduler(cfg, optimizer, built.plan)
     use_lora_wrap_policy(accelerator, built.model)
     return Optimisation(*accelerator.prepare(
@@ -331,16 +320,17 @@ def run_shape(cfg: TrainConfig, data: Data, built: Built) -> dict:
 
 
 def start_logging(cfg: TrainConfig, data: Data, built: Built, accelerator: Accelerator, out: Path, state: TrainState,
-                  tracker_run_id: str | None, resumed: bool) -> RunLogger:
-    """metrics.jsonl and the tracker run (the checkpoint's run continued when resuming)."""
+                  tracker_run_ids: dict[str, str], resumed: bool) -> RunLogger:
+    """metrics.jsonl and the tracker runs (the checkpoint's runs continued when resuming)."""
     logger = RunLogger(accelerator, out)
     data_sizes = {f"{name}_examples": len(split) for name, split in data.splits.items()}
     params = {"trainable_params": built.trainable_params, "total_params": built.total_params}
     logger.start(
         cfg, describe_run(cfg, accelerator, params=params, data=data_sizes, plan=asdict(built.plan)),
-        resume_run_id=tracker_run_id, resume_step=state.step if resumed else None,
+        resume_run_ids=tracker_run_ids, resume_step=state.step if resumed else None,
     )
-    state.tracker_run_id = logger.run_id or tracker_run_id
+    run_ids = {**tracker_run_ids, **logger.run_ids}
+    state.tracker_run_id, state.mlflow_run_id = run_ids.get("wandb"), run_ids.get("mlflow")
     return logger
 
 
@@ -351,12 +341,16 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
     model, plan = optim.model, built.plan
     # The deliverable is the best adapter, not the last one.
     unwrapped = accelerator.unwrap_model(model)
-    load_trainable(unwrapped, state.best_weights)
+    load_adapter_weights(unwrapped, state.best_weights)
     results = {
         "trainable_params": built.trainable_params,
         "total_params": built.total_params,
         "best_step": state.best_step,
         "best_eval_accuracy": state.best_accuracy,
+        # As the Trainer's state: the metric that picked the best step and its value there.
+        "metric_for_best_model": cfg.metric_for_best_model,
+        "best_metric": state.best_metric,
+        f"best_eval_{cfg.metric_for_best_model}": state.best_metric,
         "global_step": state.step,
         "early_stopped": state.early_stopped,
         "skipped_optimizer_steps": state.skipped_steps,
@@ -367,39 +361,58 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         "num_threads": plan.num_threads,
     }
     if "test" in data.loaders:
-        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names))
-        results.update({"test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"], "test_loss": test["loss"],
-                        "test_examples": test["num_examples"]})
+        test = score_split(model, accelerator.prepare(data.loaders["test"]), accelerator, len(cfg.label_names),
+                           cfg.multi_label_threshold)
+        scores = ("accuracy", "f1_macro", "loss") + (("f1_micro",) if cfg.multi_label else ())
+        results.update({f"test_{key}": test[key] for key in scores} | {"test_examples": test["num_examples"]})
         logger.log_evaluation("test", test, cfg.label_names, step=state.step)
     # The best evaluation's predictions (every process has them) feed the misclassified table, card and plots.
     # A resumed run whose best step came before the interruption scores the restored best weights once more.
     if state.best_predictions is None:
         state.best_predictions = predict_logits(model, optim.val_loader, accelerator)
-    validation = {**classification_report(*state.best_predictions, cfg.label_names), "source": data.validation_source}
+    validation = {**classification_report(*state.best_predictions, cfg.label_names, cfg.multi_label_threshold),
+                  "source": data.validation_source}
     if accelerator.is_main_process:
         ordered = data.splits["validation"].select(eval_order(data.tokenized["validation"]))
         rows = worst_misclassified(
-            *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS
+            *state.best_predictions, list(ordered["text"]), list(ordered["label"]), cfg.label_names, MISCLASSIFIED_ROWS,
+            cfg.multi_label_threshold,
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
     if built.compile_stats is not None:  # compile time is inside train_runtime and wall_time_seconds: reported apart
         results.update(built.compile_stats.report())
-        accelerator.print(f"torch.compile: {results['compiled_graphs']} graph(s) compiled in "
-                          f"{results['compile_seconds']:.1f} s")
+        log.info(f"torch.compile: {results['compiled_graphs']} graph(s) compiled in {results['compile_seconds']:.1f} s")
     # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_adapter(unwrapped, data.tokenizer, cfg.label_names, out / "adapter", state_dict=full_state,
-                     classifier_head=cfg.classifier_head)
+                     classifier_head=cfg.classifier_head,
+                     multi_label_threshold=cfg.multi_label_threshold if cfg.multi_label else None)
         write_json(out / VALIDATION_REPORT, validation)
         write_run_plots(out)
         write_adapter_card(out / "adapter", cfg, results, validation)
-        logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()})
+        logger.finish_run(results, out / "adapter", metadata={"config": cfg.to_dict()}, step=state.step)
         write_json(out / "results.json", results)  # last: its presence marks a finished run
-    accelerator.print(f"best validation accuracy {state.best_accuracy:.4f} at step {state.best_step}; adapter in {out / 'adapter'}")
+        if cfg.push_to_hub:
+            push_adapter(cfg, out / "adapter")
+    log.info(f"best validation {cfg.metric_for_best_model} {state.best_metric:.4f} at step {state.best_step}; "
+             f"adapter in {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return results
+
+
+def push_adapter(cfg: TrainConfig, adapter_dir: Path) -> None:
+    """--push_to_hub: the finished adapter folder (weights, card, tokenizer, labels) as one commit, as the Trainer's
+    push at the end of training. A failure leaves the finished run in place and says how to push it later."""
+    try:
+        push(adapter_dir, cfg.hub_model_id, private=cfg.hub_private_repo, commit_message="End of training")
+    except Exception as err:  # network, authentication, permissions: huggingface_hub raises many types
+        raise UsageError(
+            f"training finished ({adapter_dir}) but the push to {cfg.hub_model_id} failed: {first_line(err)}; push it "
+            f"later with peft-agnews export --adapter_dir {adapter_dir} --output_dir <folder> --push_to_hub "
+            f"--hub_model_id {cfg.hub_model_id}"
+        ) from None
 
 
 @contextmanager
@@ -425,7 +438,7 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
     micro_batches = 0
     grad_norm = None
     throughput = ThroughputMeter(accelerator)
-    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    progress = progress_bar(accelerator.is_local_main_process, total=plan.total_steps, initial=state.step, desc="train")
     model.train()
     for epoch in range(state.epoch, plan.num_epochs):
         if state.step >= plan.total_steps or state.early_stopped:  # also when resuming a finished run
@@ -455,7 +468,7 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 optimizer.zero_grad()
             micro_batches += 1
             state.batches_in_epoch += 1
-            state.samples_seen += batch["labels"].numel()
+            state.samples_seen += len(batch["labels"])
             throughput.update(batch)
             if not accelerator.sync_gradients:
                 continue
@@ -479,10 +492,12 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 loss_sum.zero_()
                 micro_batches = 0
             with throughput.paused():
-                if state.step % cfg.eval_steps == 0 or state.step == plan.total_steps:
-                    run_evaluation(cfg, accelerator, model, optim.val_loader, logger, state)
-                if (cfg.save_steps and state.step % cfg.save_steps == 0) or stop_requested:
-                    checkpointer.save(state.step, state.counters(), state.best_weights)
+                improved = evaluates_at(cfg, plan, state.step) and run_evaluation(
+                    cfg, accelerator, model, optim.val_loader, logger, state)
+                if saves_at(cfg, plan, state.step, improved) or stop_requested:
+                    saved = checkpointer.save(state.step, state.counters(), state.best_weights)
+                    if accelerator.is_main_process:
+                        logger.log_checkpoint(saved, state.step, state.step / plan.steps_per_epoch)
             if stop_requested:
                 raise TrainingInterrupted(
                     f"stopped by {stop.received or 'a signal on another process'} at step {state.step}; "
@@ -490,8 +505,8 @@ def fit(cfg: TrainConfig, plan: Plan, accelerator: Accelerator, optim: Optimisat
                 )
             if 0 < cfg.early_stopping_patience <= state.evals_without_improvement:
                 state.early_stopped = True
-                accelerator.print(f"early stopping at step {state.step}: no better validation accuracy in "
-                                  f"{state.evals_without_improvement} evaluations")
+                log.info(f"early stopping at step {state.step}: no better validation {cfg.metric_for_best_model} "
+                         f"in {state.evals_without_improvement} evaluations")
             if state.step >= plan.total_steps or state.early_stopped:
                 break
     progress.close()
@@ -510,28 +525,33 @@ def gradient_preflight(accelerator: Accelerator, model: torch.nn.Module) -> bool
 
 
 def run_evaluation(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, val_loader: DataLoader,
-                   logger: RunLogger, state: TrainState) -> None:
-    """Score the validation split, log it, and keep the weights and predictions when they are the best so far."""
+                   logger: RunLogger, state: TrainState) -> bool:
+    """Score the validation split, log it, and keep the weights and predictions when --metric_for_best_model is the
+    best so far (returned: whether it is)."""
     started = time.perf_counter()
     logits, labels = predict_logits(model, val_loader, accelerator)
-    metrics = classification_metrics(logits, labels, len(cfg.label_names))
+    metrics = classification_metrics(logits, labels, len(cfg.label_names), cfg.multi_label_threshold)
     metrics["samples_per_second"] = metrics["num_examples"] / (time.perf_counter() - started)
     logger.log_evaluation("eval", metrics, cfg.label_names, step=state.step)
-    accelerator.print(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
-    if metrics["accuracy"] > state.best_accuracy:
-        state.best_accuracy, state.best_step = metrics["accuracy"], state.step
-        state.best_weights = trainable_weights(accelerator.unwrap_model(model))
+    chosen = "" if cfg.metric_for_best_model in ("accuracy", "loss") else (
+        f", {cfg.metric_for_best_model} {metrics[cfg.metric_for_best_model]:.4f}")
+    log.info(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}{chosen}")
+    improved = state.record_evaluation(state.step, metrics[cfg.metric_for_best_model], metrics["accuracy"],
+                                       cfg.greater_is_better)
+    if improved:
+        state.best_weights = adapter_weights(accelerator.unwrap_model(model))
         state.best_predictions = (logits, labels)
-        state.evals_without_improvement = 0
-    else:
-        state.evals_without_improvement += 1
+    return improved
 
 
 def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: errors become one line on stderr and the exit status in the module docstring."""
     stop_when_launcher_dies()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Trackers record the command line (W&B: in the run's metadata), `peft-agnews train ...` included: never a --token.
+    sys.argv[:] = mask_secret_arguments(sys.argv)
     # e.g. a full disk while writing a checkpoint: the last complete one is intact
-    return run_command(lambda args: run(parse_config(args)), argv,
+    return run_command(lambda args: run(parse_config(args)), args,
                        os_error_hint="fix that, then continue with --resume_from_checkpoint latest")
 
 

@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# Our code, for the deprecation rule below: the package, its tests and benchmarks.
+OUR_CODE = tuple(str(REPO / folder) + os.sep for folder in ("peft_agnews", "tests", "benchmarks"))
+DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 CLASS_WORDS = [
     ["minister", "election", "treaty", "embassy", "rebels", "summit", "parliament", "border"],
@@ -31,6 +35,40 @@ CLASS_WORDS = [
     ["software", "internet", "chip", "nasa", "computer", "wireless", "genome", "browser"],
 ]
 FILLER = ["the", "a", "of", "on", "in", "said", "new", "today", "after", "report", "week", "year", "more", "over"]
+
+
+def deprecated_call_site(stacklevel: int):
+    """The frame that called the API now warning with `stacklevel` (from `warnings.warn`'s replacement below)."""
+    frame = sys._getframe(2)
+    for _ in range(max(stacklevel, 2) - 1):  # stacklevel 1 (the library forgot it) and 2 both mean its caller
+        frame = frame.f_back if frame.f_back is not None else frame
+    return frame
+
+
+def _warn_failing_our_deprecated_calls(message, category=None, stacklevel=1, source=None, **kwargs):
+    """`warnings.warn` for the tests: a deprecation warning about a call made by our code is raised as an error.
+
+    pyproject.toml's filterwarnings turns deprecations attributed to our modules into errors, but a library that warns
+    without `stacklevel` (transformers' `gradient_checkpointing_enable`, `is_gradient_checkpointing`) attributes the
+    warning to itself; here the call site is found one frame up, so our call of it fails the test all the same.
+    """
+    kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+    if issubclass(kind, DEPRECATIONS):
+        site = deprecated_call_site(stacklevel)
+        if site.f_code.co_filename.startswith(OUR_CODE):
+            raise message if isinstance(message, Warning) else kind(message)
+    return _original_warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+_original_warn = warnings.warn
+
+
+def pytest_configure(config) -> None:
+    warnings.warn = _warn_failing_our_deprecated_calls
+
+
+def pytest_unconfigure(config) -> None:
+    warnings.warn = _original_warn
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
@@ -42,6 +80,34 @@ def synthetic_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
         words = lambda k: " ".join(rng.choice(CLASS_WORDS[label] + FILLER * 2) for _ in range(k))  # noqa: E731
         rows.append((label, words(rng.randint(2, 5)).capitalize(), words(rng.randint(3, 30))))
     return rows
+
+
+def multi_label_rows(n: int, seed: int = 0) -> list[tuple[list[int], str]]:
+    """(sorted class ids, text) rows with one class (a third of them) or two, each class readable from its
+    keywords: the multi-label set the tests train on."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        first = i % 4
+        labels = [first] if rng.random() < 1 / 3 else sorted({first, rng.choice([c for c in range(4) if c != first])})
+        words = [w for label in labels for w in rng.sample(CLASS_WORDS[label], 2)]
+        words += rng.sample(FILLER, rng.randint(1, 8)) + rng.sample(CLASS_WORDS[labels[-1]], 1)
+        rng.shuffle(words)
+        rows.append((labels, " ".join(words).capitalize()))
+    return rows
+
+
+def write_multi_label_file(path: Path, rows: list[tuple[list[int], str]], separator: str = ",") -> Path:
+    """JSON Lines (label: a list of class names) or, for a .csv path, `text,label` with the names joined by
+    `separator`."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": text, "label": [LABELS[i] for i in ids]}) + "\n" for ids, text in rows))
+        return path
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([text, separator.join(LABELS[i] for i in ids)] for ids, text in rows)
+    return path
 
 
 def write_canonical_csv(path: Path, rows: list[tuple[int, str, str]]) -> Path:
@@ -202,13 +268,15 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
 
 
 def accelerate_launch(
-    config_file: str, script_args: list[str], timeout: int = 600, script: str = "peft_agnews/train.py"
+    config_file: str, script_args: list[str], timeout: int = 600, script: str = "peft_agnews/train.py",
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config_file> <script> ...` (training by default)."""
+    """`accelerate launch --config_file accelerate_configs/<config_file> <script> ...` (training by default);
+    `env`: extra environment variables."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     return run_cli(
         [*launcher, "--config_file", str(REPO / "accelerate_configs" / config_file), script, *script_args],
-        timeout=timeout,
+        timeout=timeout, env=env,
     )
 
 
@@ -252,3 +320,140 @@ def load_adapter_directly(adapter_dir: Path, base_dir: Path, num_labels: int = 4
 
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     return PeftModel.from_pretrained(base, adapter_dir).eval(), AutoTokenizer.from_pretrained(adapter_dir)
+
+
+def toy_batch() -> dict:
+    """Three rows of ids 0-30 (the tiny vocabulary), with padding and labels: a batch for direct model calls."""
+    import torch
+
+    return {
+        "input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1], [0, 11, 2, 1, 1]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([0, 3, 1]),
+    }
+
+
+def four_layer_model(**options):
+    """A random 4-layer, 32-wide RoBERTa classifier (dropout off) with LoRA as `options` (TrainConfig fields) say."""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model import apply_lora
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=64, num_labels=4, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    return apply_lora(RobertaForSequenceClassification(config), TrainConfig(lora_dropout=0.0, **options))
+
+
+def prefix_args(model_dir, train_csv, out, **overrides) -> list[str]:
+    """2 epochs (the cache is filled in the first and read in the second), LoRA on the top layer of 2."""
+    return tiny_train_args(model_dir, train_csv, out, max_train_steps=None, num_train_epochs=2, eval_steps=100,
+                           per_device_train_batch_size=16, gradient_accumulation_steps=1, mixed_precision="no",
+                           lora_layers="top1", model_dropout=0.0, overwrite_output_dir="true", **overrides)
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    """The two runs' adapters hold the same weights (and LoRA B moved from its zero init)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (run, reference))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert all(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k), "LoRA B must have moved from zero"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+PREFIX_RUN_OPTIONS = {"plain": {"frozen_prefix": "false"}, "prefix": {}, "cache": {"cache_frozen_prefix": "true"}}
+
+
+@pytest.fixture(scope="session")
+def prefix_runs(no_dropout_model_dir, synthetic_train_csv, tmp_path_factory):
+    """One-process runs of `prefix_args` (fp32, dropout off), each trained once when first asked for: the plain
+    model ('plain'), the frozen prefix ('prefix') and the prefix with its cache ('cache')."""
+    from peft_agnews.train import cli
+
+    runs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(name)
+            assert cli(prefix_args(no_dropout_model_dir, synthetic_train_csv, runs[name], **PREFIX_RUN_OPTIONS[name])) == 0
+        return runs[name]
+
+    return run
+
+
+def tiny_lora_model(model_dir: Path, **overrides):
+    """The tiny model with LoRA as `overrides` (TrainConfig fields) say; LoRA dropout 0, no checkpointing."""
+    import torch
+
+    from peft_agnews.config import TrainConfig
+    from peft_agnews.model import apply_lora, load_base_model
+
+    options = {"lora_dropout": 0.0, "gradient_checkpointing": False, **overrides}
+    cfg = TrainConfig(model_name_or_path=str(model_dir), **options)
+    torch.manual_seed(0)
+    return apply_lora(load_base_model(cfg), cfg)
+
+
+def roberta_base_config(vocab_size: int = 1000):
+    """roberta-base's shape (12 x 768, FFN 3072); the trainable count does not depend on the vocabulary size."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(vocab_size=vocab_size, num_labels=4)
+
+
+@pytest.fixture(scope="session")
+def mean_head_adapters(tiny_model_dir, synthetic_train_csv, tmp_path_factory) -> list[Path]:
+    """Two 6-step adapters (seeds 1 and 2) with the research head `--classifier_head mean` (head.json)."""
+    from peft_agnews.train import cli
+
+    dirs = []
+    for seed, head in ((1, "mean"), (2, "mean")):
+        out = tmp_path_factory.mktemp(f"member{seed}")
+        assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, seed=seed, classifier_head=head,
+                                   max_train_steps=6, eval_steps=6, gradient_checkpointing="false")) == 0
+        dirs.append(out / "adapter")
+    return dirs
+
+
+RECIPES = REPO / "recipes"
+# Each recipe's head and LoRA settings on the tiny model of its base's architecture (MiniLM is a BERT).
+RECIPE_ARCH = {"reference.yaml": "roberta", "best.yaml": "roberta", "proxy-minilm.yaml": "bert", "fast.yaml": "roberta",
+               "proxy-fast.yaml": "bert"}
+# The tiny models have 2 layers: the fast recipes' top-layer LoRA (top6 / top3) becomes the top one of them.
+# The fast recipes on the 2-layer tiny models: LoRA on the top layer, whose attention (like the real recipes' lowest
+# trained layer) gets none.
+TOP1_FEED_FORWARD_ONLY = ["--lora_layers", "top1", "--lora_exclude_modules",
+                          *[f"layer.1.attention.{name}" for name in ("self.query", "self.key", "self.value", "output.dense")]]
+RECIPE_SHRINK = {"fast.yaml": TOP1_FEED_FORWARD_ONLY, "proxy-fast.yaml": TOP1_FEED_FORWARD_ONLY}
+PLAIN_TEXTS = ["Striker scores late goal as coach praises season", "Shares of the bank fell after earnings report",
+               "Minister meets rebels at border summit"]
+
+
+@pytest.fixture(scope="session")
+def recipe_runs(tiny_model_dir, tiny_bert_dir, synthetic_train_csv, tmp_path_factory):
+    """A few-step training run of each recipe file on the tiny model of its architecture (lazily, per recipe)."""
+    from peft_agnews.train import cli
+
+    runs: dict[str, Path] = {}
+
+    def run(recipe: str) -> Path:
+        if recipe not in runs:
+            base = tiny_bert_dir if RECIPE_ARCH[recipe] == "bert" else tiny_model_dir
+            out = tmp_path_factory.mktemp(recipe.split(".")[0])
+            argv = ["--config", str(RECIPES / recipe),
+                    *tiny_train_args(base, synthetic_train_csv, out, max_train_steps=4, eval_steps=4,
+                                     gradient_checkpointing="false", mixed_precision="no"),
+                    *RECIPE_SHRINK.get(recipe, [])]
+            with pytest.MonkeyPatch.context() as patch:  # the proxy recipe names its base through $MINILM_DIR
+                patch.setenv("MINILM_DIR", str(base))
+                assert cli(argv) == 0
+            runs[recipe] = out
+        return runs[recipe]
+
+    return run

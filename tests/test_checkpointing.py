@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_train_args
-from peft_agnews import checkpointing
 from peft_agnews.checkpointing import MARKER, resolve_checkpoint
 from peft_agnews.errors import EXIT_INTERRUPTED
 from peft_agnews.train import cli
@@ -40,7 +39,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step_{STEPS}" / "trainable.safetensors")
+    return load_file(out / "checkpoints" / f"step_{STEPS}" / "adapter_model.safetensors")
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
@@ -90,27 +89,94 @@ def test_resume_with_pcg64_dropout_masks_is_exact(tiny_model_dir, synthetic_trai
     assert_same_run(resumed, reference)
 
 
-def test_checkpoints_hold_only_what_changes(reference):
-    checkpoint = reference / "checkpoints" / "step_5"
-    names = {p.name for p in checkpoint.iterdir()}
-    assert names == {"trainable.safetensors", "best.safetensors", "optimizer.bin", "scheduler.bin",
-                     "random_states_0.pkl", "trainer_state.json", MARKER}
-    weights = load_file(checkpoint / "trainable.safetensors")
+@pytest.mark.slow
+def test_dataloader_workers_train_the_same_weights_and_resume_exactly(reference, tiny_model_dir, synthetic_train_csv,
+                                                                     tmp_path):
+    """Workers only collate (the order comes from the seeded sampler, dropout from the training process): a run
+    with 2 workers trains the reference's weights, and resuming it mid-epoch with workers is exact."""
+    workers = tmp_path / "workers"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, workers, dataloader_num_workers=2)) == 0
+    assert_same_run(workers, reference)
+    resumed = tmp_path / "resumed"
+    checkpoint = workers / "checkpoints" / "step_5"
+    assert cli(args(tiny_model_dir, synthetic_train_csv, resumed, resume_from_checkpoint=checkpoint,
+                    dataloader_num_workers=2)) == 0
+    assert_same_run(resumed, reference)
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "labels.json", *TOKENIZER_FILES}
+RESUME_FILES = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json", MARKER}
+
+
+def test_checkpoints_are_adapters_holding_only_what_changes(reference):
+    """The adapter's weights are written once: the resume state refers to them (best.safetensors only when the
+    best step is an earlier one). Unchanged files are hard links to the previous checkpoint's."""
+    best_step = json.loads((reference / "results.json").read_text())["best_step"]
+    for step in range(1, STEPS + 1):
+        checkpoint = reference / "checkpoints" / f"step_{step}"
+        names = {p.name for p in checkpoint.iterdir()}
+        best = counters(checkpoint)["best_step"]
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if best == 0:  # before the first evaluation (step 5)
+            assert state["best_weights"] is None and names == ADAPTER_FILES | RESUME_FILES
+        elif best == step:
+            assert state["best_weights"] == "adapter_model.safetensors" and names == ADAPTER_FILES | RESUME_FILES
+        else:
+            assert state["best_weights"] == "best.safetensors" and names == ADAPTER_FILES | RESUME_FILES | {"best.safetensors"}
+            assert max_diff(load_file(checkpoint / "best.safetensors"),
+                            load_file(reference / "checkpoints" / f"step_{best}" / "adapter_model.safetensors")) == 0
+    weights = load_file(reference / "checkpoints" / "step_5" / "adapter_model.safetensors")
     assert weights and all("lora_" in n or "classifier" in n or "bias" in n for n in weights)
     assert not any("word_embeddings" in n for n in weights), "the frozen base stays out"
+    first, later = reference / "checkpoints" / "step_1", reference / "checkpoints" / "step_9"
+    for name in TOKENIZER_FILES | {"labels.json"}:
+        assert (first / name).stat().st_ino == (later / name).stat().st_ino, f"{name} is one file on disk"
+    assert (first / "adapter_model.safetensors").stat().st_ino != (later / "adapter_model.safetensors").stat().st_ino
+    assert max_diff(load_file(reference / "checkpoints" / f"step_{best_step}" / "adapter_model.safetensors"),
+                    load_file(reference / "adapter" / "adapter_model.safetensors")) == 0, "the best step's checkpoint is the exported adapter"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_as_a_plain_peft_adapter_and_with_evaluate(reference, tiny_model_dir, synthetic_test_csv, tmp_path):
+    """What a Trainer user does with checkpoint-N: load it with PEFT, or score it with the evaluate command."""
+    from conftest import LABELS, direct_logits, load_adapter_directly, run_cli
+
+    best_step = json.loads((reference / "results.json").read_text())["best_step"]
+    texts = ["the striker scored a goal in the league", "shares and profit rose at the bank"]
+    logits = {}
+    for name, folder in (("best", reference / "checkpoints" / f"step_{best_step}"), ("adapter", reference / "adapter"),
+                         ("step_3", reference / "checkpoints" / "step_3")):
+        model, tokenizer = load_adapter_directly(folder, tiny_model_dir)
+        assert model.config.num_labels == 4
+        logits[name] = direct_logits(model, tokenizer, texts)
+    assert torch.equal(logits["best"], logits["adapter"])
+    assert not torch.allclose(logits["step_3"], logits["adapter"]), "an earlier step is another adapter"
+    reports = {}
+    for name, folder in (("best", reference / "checkpoints" / f"step_{best_step}"), ("adapter", reference / "adapter")):
+        out = tmp_path / f"{name}.json"
+        proc = run_cli(["peft-agnews", "evaluate", "--adapter_dir", str(folder), "--test_file", str(synthetic_test_csv),
+                        "--output_file", str(out)])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        reports[name] = json.loads(out.read_text())
+    assert reports["best"]["num_examples"] == 120 and sorted(reports["best"]["per_class"]) == sorted(LABELS)
+    for key in ("accuracy", "loss", "per_class", "confusion_matrix"):
+        assert reports["best"][key] == reports["adapter"][key], key
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
     reference, tiny_model_dir, synthetic_train_csv, tmp_path, monkeypatch, capsys
 ):
-    real_save = checkpointing.save_file
+    import peft.peft_model
+
+    real_save = peft.peft_model.safe_save_file
 
     def dies_writing_step_4(tensors, filename, *a, **kw):
-        if ".tmp-step_4" in filename and filename.endswith("best.safetensors"):
+        if ".tmp-step_4" in str(filename):
             raise OSError("simulated crash in the middle of writing a checkpoint")
         return real_save(tensors, filename, *a, **kw)
 
-    monkeypatch.setattr(checkpointing, "save_file", dies_writing_step_4)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", dies_writing_step_4)
     assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path)) == 2  # was a traceback
     err = error_lines(capsys)
     assert err[0].startswith("error: simulated crash") and "--resume_from_checkpoint latest" in err[0], err
@@ -134,7 +200,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
     assert not (folder / ".tmp-step_4").exists(), "leftovers of interrupted writes are cleaned up"
 
 
-@pytest.mark.parametrize("file", ["trainer_state.json", "trainable.safetensors", "optimizer.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("file", ["trainer_state.json", "adapter_model.safetensors", "optimizer.bin", "random_states_0.pkl"])
 def test_a_corrupt_checkpoint_is_a_clear_error_naming_the_file(
     file, reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys
 ):
@@ -153,14 +219,16 @@ def test_a_full_disk_is_one_error_line_and_latest_then_resumes(reference, tiny_m
                                                               monkeypatch, capsys):
     import errno
 
-    real_save = checkpointing.save_file
+    import peft.peft_model
+
+    real_save = peft.peft_model.safe_save_file
 
     def disk_full_at_step_3(tensors, filename, *a, **kw):
-        if ".tmp-step_3" in filename:
+        if ".tmp-step_3" in str(filename):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save(tensors, filename, *a, **kw)
 
-    monkeypatch.setattr(checkpointing, "save_file", disk_full_at_step_3)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full_at_step_3)
     assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path)) == 2
     (err,) = error_lines(capsys)
     assert err.startswith("error: No space left on device: ") and ".tmp-step_3" in err, err
@@ -211,6 +279,20 @@ def test_latest_names_the_older_checkpoint_when_the_newest_is_corrupt(reference,
     assert cli(args(tiny_model_dir, synthetic_train_csv, out, resume_from_checkpoint="latest")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "optimizer.bin is missing or corrupt" in err and f"pass the older {out / 'checkpoints' / 'step_4'}" in err, err
+
+
+def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(reference, tiny_model_dir, synthetic_train_csv,
+                                                                   tmp_path, capsys):
+    """Checkpoints written before they were adapters (trainable.safetensors, no best_weights key)."""
+    checkpoint = tmp_path / "step_5"
+    shutil.copytree(reference / "checkpoints" / "step_5", checkpoint)
+    (checkpoint / "adapter_model.safetensors").rename(checkpoint / "trainable.safetensors")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["best_weights"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert cli(args(tiny_model_dir, synthetic_train_csv, tmp_path / "out", resume_from_checkpoint=checkpoint)) == 2
+    (err,) = error_lines(capsys)
+    assert f"checkpoint {checkpoint} was written by an earlier version of peft-agnews" in err, err
 
 
 def test_resuming_a_differently_shaped_run_is_a_clear_error(reference, tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
@@ -264,8 +346,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(
     last_good = tmp_path / "checkpoints" / "step_4"
     assert "error: non-finite loss at optimizer step 5" in err and str(last_good) in err, err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]
-    for name in ("trainable.safetensors", "best.safetensors"):
-        assert all(torch.isfinite(t).all() for t in load_file(last_good / name).values())
+    for name in ("adapter_model.safetensors", "best.safetensors"):
+        if (last_good / name).exists():  # best.safetensors only when step 4 was not the best step
+            assert all(torch.isfinite(t).all() for t in load_file(last_good / name).values())
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "adapter").exists()
 
 

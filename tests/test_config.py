@@ -1,12 +1,15 @@
-"""The typed config: defaults are the reference recipe, YAML + flag overrides, booleans with values, bad options."""
+"""The typed config: defaults are the reference recipe, YAML + flag overrides, booleans with values, bad options,
+the accuracy options (off by default, checked)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
-from peft_agnews.config import AG_NEWS_LABELS, TrainConfig, build_parser, parse_config
+from conftest import RECIPES, REPO
+from peft_agnews.config import AG_NEWS_LABELS, SECTIONS, TrainConfig, build_parser, parse_config
 from peft_agnews.errors import UsageError
 
 REFERENCE_RECIPE = {
@@ -34,7 +37,7 @@ REFERENCE_RECIPE = {
     "gradient_checkpointing": True,
     "validation_split": 0.1,
     "group_by_length": True,
-    "report_to": "wandb",
+    "report_to": ["wandb"],
 }
 
 
@@ -162,3 +165,90 @@ def test_yaml_scalar_for_a_list_option_is_one_item_and_null_keeps_none(tmp_path)
     cfg = parse_config(["--config", str(path)])
     assert cfg.wandb_tags == ["mytag"] and cfg.lora_target_modules == ["query"]
     assert cfg.max_train_steps is None and cfg.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize("spec", ["top0", "bottom2", "1-3", ""])
+def test_malformed_lora_layers_are_refused(spec):
+    with pytest.raises(UsageError, match="--lora_layers .* is not 'all', 'topK'"):
+        TrainConfig(lora_layers=spec)
+
+
+# --- the accuracy options ---------------------------------------------------------------------------------------
+
+OPTIONS_OFF = {
+    "lora_rank_pattern": [], "use_rslora": False, "use_dora": False, "classifier_head": "model",
+    "head_learning_rate": None, "label_smoothing": 0.0, "rdrop_alpha": 0.0, "lr_scheduler_type": "linear",
+    "model_dropout": None,
+}
+
+
+def test_every_new_option_is_off_by_default_and_reference_yaml_is_the_defaults():
+    defaults = parse_config([])
+    assert {k: getattr(defaults, k) for k in OPTIONS_OFF} == OPTIONS_OFF
+    assert defaults.lora_r == 8 and isinstance(defaults.lora_r, int)
+    assert parse_config(["--config", str(RECIPES / "reference.yaml")]) == defaults
+
+
+@pytest.mark.parametrize("text,expected", [("auto", "auto"), ("AUTO", "auto"), ("16", 16)])
+def test_lora_r_takes_an_integer_or_auto(text, expected):
+    assert parse_config(["--lora_r", text]).lora_r == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora_r", "big"], "neither an integer nor 'auto'"),
+    (["--lora_r", "0"], "--lora_r must be >= 1"),
+    (["--lora_rank_pattern", "output.dense:4"], "not MODULE=RANK"),
+    (["--label_smoothing", "1.0"], "--label_smoothing"),
+    (["--rdrop_alpha", "-1"], "--rdrop_alpha"),
+])
+def test_bad_new_options_are_refused_with_the_fix(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize("argv", [["--model_dropout", "1"], ["--model_dropout", "-0.1"], ["--lora_dropout", "1.5"]])
+def test_dropout_rates_outside_0_1_are_refused(argv):
+    with pytest.raises(UsageError, match="must be in \\[0, 1\\)"):
+        parse_config(argv)
+
+
+# --- --help in sections --------------------------------------------------------------------------------------
+
+def test_every_option_names_its_help_section():
+    """A new option must say where `--help` (and docs/configuration.md) lists it: option(..., group=...)."""
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") not in SECTIONS]
+    assert missing == [], f"give these options a group= (one of {list(SECTIONS)}): {missing}"
+
+
+def test_help_lists_each_option_under_its_section_in_order():
+    help_text = build_parser().format_help()
+    titles = [f"\n{title}:\n  {about.split()[0]}" for title, about in SECTIONS.values()]
+    starts = [help_text.index(title) for title in titles]
+    assert starts == sorted(starts)  # the sections in SECTIONS' order
+    ends = [*starts[1:], len(help_text)]
+    for f in dataclasses.fields(TrainConfig):
+        section = list(SECTIONS).index(f.metadata["group"])
+        at = help_text.index(f"\n  --{f.name} ")
+        assert starts[section] < at < ends[section], f"--{f.name} is not under {SECTIONS[f.metadata['group']][0]}"
+
+
+def test_the_section_comments_in_train_config_match_their_options():
+    """`# Title` comments in TrainConfig's body head the options of the section of that title, and only those."""
+    source = (REPO / "peft_agnews" / "config.py").read_text()
+    body = source[source.index("class TrainConfig:"):source.index("    def __post_init__")]
+    titles = {title.lower(): name for name, (title, _) in SECTIONS.items()}
+    comment, seen = None, {}
+    for line in body.splitlines():
+        if line.startswith("    # "):
+            comment = line.strip("# ").lower()
+            assert comment in titles, f"section comment '{line.strip()}' is no section title {list(titles)}"
+        elif (m := re.match(r"    (\w+): .*= option\(", line)):
+            seen[m.group(1)] = comment
+    groups = {f.name: SECTIONS[f.metadata["group"]][0].lower() for f in dataclasses.fields(TrainConfig)}
+    assert seen == groups
+
+
+def test_help_strings_say_what_an_option_does_not_what_it_measured():
+    measured = re.compile(r"\d(\.\d+)?x\b|\d\s?%|\bfaster\b|\bslower\b|BENCHMARKS|EXPERIMENTS")
+    for f in dataclasses.fields(TrainConfig):
+        assert not measured.search(f.metadata["help"]), f"--{f.name}: {f.metadata['help']}"

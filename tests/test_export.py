@@ -1,5 +1,5 @@
 """export: a merged model equal to the adapter (logits within 1e-5), loadable by Transformers and its pipeline with
-label names; the adapter copy; the model card written by training."""
+label names; the adapter copy (a research head's head.json too, which --merge refuses); the recipes' adapters merge."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from conftest import LABELS, direct_logits, load_adapter_directly, synthetic_rows
+from conftest import LABELS, PLAIN_TEXTS, direct_logits, load_adapter_directly, synthetic_rows, toy_batch
 from peft_agnews.export import cli, main
 
 TEXTS = [f"{t} {d}" for _, t, d in synthetic_rows(12, seed=11)]
+BATCH = toy_batch()
 
 
 @pytest.fixture(scope="module")
@@ -78,52 +79,37 @@ def test_existing_output_dir_is_refused_and_offline_push_is_refused(trained_adap
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
-def test_training_writes_a_model_card(trained_adapter_run):
-    card = (trained_adapter_run / "adapter" / "README.md").read_text()
-    header = yaml.safe_load(card.split("---")[1])
-    results = json.loads((trained_adapter_run / "results.json").read_text())
-    validation = json.loads((trained_adapter_run / "eval_validation.json").read_text())
-    assert header["library_name"] == "peft" and header["base_model"].endswith("tiny-roberta0")
-    assert f"Trainable parameters: 3,364 of {results['total_params']:,}" in card  # LoRA r=8 on the tiny model
-    assert "LoRA r=8, alpha=16" in card and "`query`" in card and "`value`" in card
-    assert f"validation (best step {results['best_step']} of 8)" in card
-    assert f"| {validation['num_examples']} | {results['best_eval_accuracy']:.4f} |" in card
-    assert "train.csv" in card  # the data it was trained on
-    for section in ("## Results", "## Training recipe", "## Data", "## Intended use and limitations", "## How to use"):
-        assert section in card
-    assert validation["accuracy"] == pytest.approx(results["best_eval_accuracy"])  # the card's numbers are the run's
+# --- a research head; the recipes' adapters merge ---------------------------------------------------------------
+
+def test_export_copies_the_head_choice_and_merge_refuses_a_custom_head(mean_head_adapters, tmp_path, capsys):
+    from peft_agnews.export import cli as export_cli
+    from peft_agnews.loading import ModelArgs, load_classifier
+
+    copy = tmp_path / "copy"
+    assert export_cli(["--adapter_dir", str(mean_head_adapters[0]), "--output_dir", str(copy)]) == 0
+    assert json.loads((copy / "head.json").read_text()) == {"classifier_head": "mean"}
+    inputs = {k: v for k, v in BATCH.items() if k != "labels"}
+    with torch.inference_mode():
+        torch.testing.assert_close(load_classifier(ModelArgs(adapter_dir=str(copy))).model(**inputs).logits,
+                                   load_classifier(ModelArgs(adapter_dir=str(mean_head_adapters[0]))).model(**inputs).logits)
+    merged = tmp_path / "merged"
+    assert export_cli(["--adapter_dir", str(mean_head_adapters[0]), "--merge", "--output_dir", str(merged)]) == 2
+    assert "--merge needs the base class's own head" in capsys.readouterr().err and not merged.exists()
 
 
-def test_card_reports_each_split_it_was_measured_on():
-    from peft_agnews.config import TrainConfig
-    from peft_agnews.model_card import adapter_card
+@pytest.mark.parametrize("recipe", ["best.yaml", "proxy-minilm.yaml"])
+def test_recipe_adapter_merges_and_classifies_with_label_names_in_a_pipeline(recipe, recipe_runs, tmp_path):
+    from transformers import pipeline
 
-    cfg = TrainConfig(model_name_or_path="roberta-base", train_file="train.csv", test_file="test.csv")
-    results = {"trainable_params": 907_012, "total_params": 125_555_720, "best_step": 400, "global_step": 600,
-               "num_processes": 2, "mixed_precision": "fp16", "test_accuracy": 0.9, "test_f1_macro": 0.89,
-               "test_loss": 0.3, "test_examples": 7600}
-    validation = {"accuracy": 0.91, "f1_macro": 0.905, "loss": 0.28, "num_examples": 1043,
-                  "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 260} for n in LABELS},
-                  "source": "the `validation` split of `my/dataset`"}
-    card = adapter_card(cfg, results, validation, lora_rank=8)
-    assert "- Validation: the `validation` split of `my/dataset`." in card and "stratified" not in card
-    assert "| validation (best step 400 of 600) | 1043 | 0.9100 | 0.9050 | 0.2800 |" in card
-    assert "| test (`test.csv`) | 7600 | 0.9000 | 0.8900 | 0.3000 |" in card
-    assert "Trainable parameters: 907,012 of 125,555,720 (0.72%)" in card
-    assert "x 2 process(es) = 256" in card.replace("\n  ", " ")
+    from peft_agnews.export import cli as export_cli
+    from peft_agnews.loading import ModelArgs, load_classifier
 
-
-def test_card_names_the_rank_that_auto_chose_and_the_head():
-    from peft_agnews.config import TrainConfig
-    from peft_agnews.model_card import adapter_card
-
-    cfg = TrainConfig(model_name_or_path="roberta-base", train_file="train.csv", lora_r="auto", classifier_head="mean")
-    results = {"trainable_params": 915_460, "total_params": 125_555_720, "best_step": 4, "global_step": 8,
-               "num_processes": 1, "mixed_precision": "no"}
-    validation = {"accuracy": 0.5, "f1_macro": 0.5, "loss": 1.0, "num_examples": 8,
-                  "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for n in LABELS},
-                  "source": "a stratified 10% split of the training data (seed 37)"}
-    card = adapter_card(cfg, results, validation, lora_rank=5)
-    assert "LoRA r=5 (auto: the largest that fits the budget), alpha=16" in card and "r=auto" not in card
-    assert "a `mean` pooling head (one Linear) trained" in card
-    assert 'replace_head(base, "mean")' in card  # the loading snippet builds the head before PeftModel loads
+    adapter = recipe_runs(recipe) / "adapter"
+    merged = tmp_path / "merged"
+    assert export_cli(["--adapter_dir", str(adapter), "--merge", "--output_dir", str(merged)]) == 0
+    results = pipeline("text-classification", model=str(merged), device="cpu")(PLAIN_TEXTS)
+    ours = load_classifier(ModelArgs(adapter_dir=str(adapter)))
+    with torch.inference_mode():
+        probs = ours.model(**ours.tokenizer(PLAIN_TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert [r["label"] for r in results] == [ours.label_names[i] for i in probs.argmax(-1)]
+    assert [r["score"] for r in results] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)

@@ -125,3 +125,27 @@ def test_evaluate_and_predict_take_the_thread_option():
     assert ModelArgs(adapter_dir="run/adapter", num_threads=3).num_threads == 3
     with pytest.raises(UsageError, match="--num_threads"):
         ModelArgs(adapter_dir="run/adapter", num_threads=-1)
+
+
+@pytest.mark.parametrize(("env", "launched"), [
+    ({}, False),  # python peft_agnews/train.py
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO"}, True),  # accelerate launch, any config
+    ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"}, True),  # torchrun
+    ({"OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}, False),  # what a user may export alike
+])
+def test_launchers_are_told_apart_by_their_markers(machine, monkeypatch, env, launched):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert hardware.under_launcher() is launched
+
+
+@pytest.mark.parametrize(("env", "processes", "spans"), [
+    ({}, 4, False),  # no launcher variable: one machine assumed
+    ({"LOCAL_WORLD_SIZE": "4"}, 4, False),
+    ({"LOCAL_WORLD_SIZE": "8"}, 16, True),  # 2 nodes x 8
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 4, True),
+])
+def test_a_run_spans_machines_when_its_launcher_puts_fewer_processes_here(machine, monkeypatch, env, processes, spans):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert hardware.spans_machines(processes) is spans

@@ -1,10 +1,14 @@
-"""plan: optimizer steps, epochs, warmup and effective batch for any process count and accumulation."""
+"""plan: optimizer steps, epochs, warmup and effective batch for any process count and accumulation; the schedules."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from accelerate import Accelerator
 
+from conftest import tiny_lora_model
 from peft_agnews.config import TrainConfig
+from peft_agnews.model import optimizer_param_groups
 from peft_agnews.plan import Plan
 
 
@@ -20,3 +24,23 @@ def test_plan_counts_optimizer_steps_for_any_process_count():
     assert plan.warmup_steps == 254 and plan.effective_batch == 256
     single = Plan.build(cfg, 108_000, 12_000, Accelerator(cpu=True))
     assert (single.steps_per_epoch, single.total_steps, single.effective_batch) == (844, 5064, 128)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_schedules_warm_up_then_decay(tiny_model_dir, schedule):
+    from peft_agnews.plan import Plan, make_scheduler
+
+    model = tiny_lora_model(tiny_model_dir)
+    cfg = TrainConfig(lr_scheduler_type=schedule, learning_rate=1e-3, head_learning_rate=2e-3, warmup_ratio=0.2)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.0, cfg.head_learning_rate), lr=cfg.learning_rate)
+    plan = Plan(10, 1, 1, 10, 10, 10, 2, 1, 1, 1, 1, "no")
+    scheduler = make_scheduler(cfg, optimizer, plan)
+    lrs = []
+    for _ in range(plan.total_steps):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    adapter, head = [lr[0] for lr in lrs], [lr[-1] for lr in lrs]
+    peak = max(range(10), key=adapter.__getitem__)
+    assert peak == 2 and adapter[peak] == pytest.approx(1e-3) and head[peak] == pytest.approx(2e-3)
+    assert adapter[0] < adapter[peak] and adapter[-1] < 0.2 * adapter[peak]

@@ -21,7 +21,8 @@ from conftest import LABELS, REPO, accelerate_launch, run_cli, tiny_train_args
 from peft_agnews.config import parse_config
 from peft_agnews.errors import UsageError
 from peft_agnews.metrics import classification_metrics, worst_misclassified
-from peft_agnews.tracking import RunLogger, class_key, resolve_wandb_mode, wandb_base_url, wandb_key_configured
+from peft_agnews.trackers import resolve_trackers, resolve_wandb_mode, wandb_base_url, wandb_key_configured
+from peft_agnews.tracking import RunLogger, class_key
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef01"  # 40 hex-like chars, as a real key; never valid
 PER_CLASS = [f"eval/f1_{class_key(n)}" for n in LABELS]
@@ -104,16 +105,19 @@ def wandb_dirs(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- the end-to-end run
 @pytest.fixture(scope="module")
 def tracked_run(tiny_model_dir, synthetic_train_csv, synthetic_test_csv, tmp_path_factory):
-    """One tiny run on 2 processes (cpu_ddp.yaml) with W&B on (offline) and a fake API key in the environment."""
+    """One tiny run on 2 processes (cpu_ddp.yaml) reporting to W&B (offline, a fake API key in the environment,
+    WANDB_LOG_MODEL=end), TensorBoard and MLflow (its default store, in the run folder)."""
     root = tmp_path_factory.mktemp("tracked")
     out, home = root / "out", root / "wandb-home"
     argv = tiny_train_args(
-        tiny_model_dir, synthetic_train_csv, out, test_file=synthetic_test_csv, report_to="wandb",
+        tiny_model_dir, synthetic_train_csv, out, test_file=synthetic_test_csv, report_to="wandb,tensorboard,mlflow",
         run_name="tiny-tracked", wandb_group="tests", wandb_tags="tiny,offline",
     )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_API_KEY", FAKE_KEY)
+        env.setenv("WANDB_LOG_MODEL", "end")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
         for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
             (home / sub).mkdir(parents=True)
             env.setenv(var, str(home / sub))
@@ -224,7 +228,9 @@ def test_summary_has_best_accuracy_step_test_accuracy_params_and_wall_time(track
 def test_adapter_artifact_is_logged_and_loads_with_peft(tracked_run, tiny_model_dir, tmp_path):
     (artifact,) = [a for a in tracked_run["wandb"]["artifacts"] if a.type == "model"]
     run_id = tracked_run["wandb"]["run"].run_id
-    assert artifact.name == f"adapter-{run_id}" and sorted(artifact.aliases) == ["best", "latest"]
+    # The Trainer's name: model-<run name> with a run name (--run_name tiny-tracked), else model-<run id>.
+    assert run_id and artifact.name == "model-tiny-tracked"
+    assert sorted(artifact.aliases) == ["best", "final_model", "latest"]  # W&B adds latest
     metadata = json.loads(artifact.metadata)
     results = json.loads((tracked_run["out"] / "results.json").read_text())
     assert metadata["best_eval_accuracy"] == results["best_eval_accuracy"]
@@ -274,7 +280,8 @@ from peft_agnews.tracking import RunLogger
 
 def session(out, resume_run_id, step):
     logger = RunLogger(Accelerator(cpu=True, log_with="wandb"), Path(out))
-    logger.start(TrainConfig(output_dir=out, report_to="offline"), {"seed": 1}, resume_run_id=resume_run_id)
+    resume = {"wandb": resume_run_id} if resume_run_id else None
+    logger.start(TrainConfig(output_dir=out, report_to="wandb", wandb_mode="offline"), {"seed": 1}, resume_run_ids=resume)
     logger.log({"train/loss": 1.0 / step}, step=step)
     run_id = logger.run_id
     logger.accelerator.end_training()
@@ -301,21 +308,33 @@ print("RUN_IDS", first, session(sys.argv[2], first, 5))
         ("wandb", "offline", True, "offline"),
         ("wandb", "dryrun", True, "offline"),
         ("wandb", "disabled", True, None),
-        ("offline", "online", True, "offline"),
+        ("offline", "online", True, "offline"),  # the legacy values still force a mode
         ("online", None, True, "online"),
         ("none", "online", True, None),
         ("disabled", None, True, None),
+        ("wandb --wandb_mode offline", "online", True, "offline"),  # the flag wins over WANDB_MODE
+        ("wandb --wandb_mode disabled", None, True, None),
+        ("wandb WANDB_DISABLED=true", "online", True, None),  # the Trainer's WANDB_DISABLED
+        ("wandb WANDB_DISABLED=false", "offline", True, "offline"),
+        ("tensorboard", "online", True, None),  # W&B not asked for
+        ("tensorboard,wandb", "offline", True, "offline"),
     ],
 )
 def test_mode_resolution(report_to, env_mode, has_key, expected, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+        monkeypatch.delenv(var, raising=False)
     if env_mode:
         monkeypatch.setenv("WANDB_MODE", env_mode)
     if has_key:
         monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    assert resolve_wandb_mode(parse_config(["--report_to", report_to])) == expected
+    argv = ["--report_to"]
+    for token in report_to.split():
+        if "=" in token:
+            monkeypatch.setenv(*token.split("="))
+        else:
+            argv.append(token)
+    assert resolve_wandb_mode(parse_config(argv)) == expected
 
 
 def test_online_without_a_key_and_unknown_modes_are_refused(monkeypatch, tmp_path, capsys):
@@ -332,8 +351,14 @@ def test_online_without_a_key_and_unknown_modes_are_refused(monkeypatch, tmp_pat
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(UsageError, match="WANDB_MODE=sometimes is not a W&B mode"):
         resolve_wandb_mode(parse_config([]))
-    with pytest.raises(SystemExit):
-        parse_config(["--report_to", "tensorboard"])
+    for bad, message in ((["--report_to", "tensorflow"], "--report_to tensorflow: choose from wandb, tensorboard, "
+                          "mlflow, all, none"), (["--report_to", "none", "wandb"], "none cannot go with other trackers")):
+        with pytest.raises(UsageError, match=message):
+            parse_config(bad)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_LOG_MODEL", "sometimes")
+    with pytest.raises(UsageError, match="WANDB_LOG_MODEL=sometimes is not one of false, end, checkpoint"):
+        resolve_trackers(parse_config([]))
 
 
 def test_tags_and_target_modules_accept_commas_and_output_dir_expands_variables(monkeypatch):
@@ -410,12 +435,13 @@ def test_wandb_project_and_entity_follow_the_environment_unless_flags_are_given(
 
     class RecordingAccelerator:
         is_main_process = True
+        trackers = []
 
-        def init_trackers(self, project, config, init_kwargs):
+        def init_trackers(self, project, config=None, init_kwargs=None):
             opened.append((project, init_kwargs["wandb"].get("entity")))
 
     def start(*flags):
-        RunLogger(RecordingAccelerator(), tmp_path).start(parse_config(["--report_to", "offline", *flags]), {})
+        RunLogger(RecordingAccelerator(), tmp_path).start(parse_config(["--wandb_mode", "offline", *flags]), {})
         return opened[-1]
 
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
@@ -443,3 +469,79 @@ def test_self_hosted_server_login_counts_as_a_key(monkeypatch, tmp_path):
     (tmp_path / "wandb-config").mkdir()
     (tmp_path / "wandb-config" / "settings").write_text("[default]\nbase_url = https://wandb.example.com:8080\n")
     assert wandb_base_url() == "https://wandb.example.com:8080" and wandb_key_configured()
+
+
+# --------------------------------------------------------------------------------------- TensorBoard and MLflow
+def metrics_by_step(out: Path) -> dict[str, dict[int, float]]:
+    """metrics.jsonl as {name: {step: value}}."""
+    found: dict[str, dict[int, float]] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        for key, value in event.items():
+            if key not in ("step", "time"):
+                found.setdefault(key, {})[event["step"]] = value
+    return found
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_same_metrics_config_and_results(tracked_run):
+    """Read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tracked_run["out"]
+    (run_dir,) = (out / "runs").iterdir()  # one writer for the 2-process run, in a folder named after the project
+    assert run_dir.name == "peft-agnews"
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    local = metrics_by_step(out)
+    assert {k: v for k, v in logged.items() if not k.startswith("results/")}.keys() == local.keys()
+    for key, values in local.items():
+        assert logged[key] == pytest.approx(values, rel=1e-6), key  # TensorBoard stores float32
+    results = json.loads((out / "results.json").read_text())
+    assert logged["results/best_eval_accuracy"] == {12: pytest.approx(results["best_eval_accuracy"])}
+    (config_text,) = events.Tensors("config/text_summary")
+    assert json.loads(config_text.tensor_proto.string_val[0]) == json.loads((out / "run_config.json").read_text())
+    # The hparams plugin's session (Accelerate's store_init_configuration) holds the flattened config.
+    (hparams_dir,) = [d for d in run_dir.iterdir() if d.is_dir() and any(d.glob("events.*"))]
+    session = EventAccumulator(str(hparams_dir))
+    session.Reload()
+    content = session.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["lora_r"].number_value == 8 and hparams["plan.total_steps"].number_value == 12
+    assert hparams["accelerate.num_processes"].number_value == 2
+    assert json.loads(hparams["lora_target_modules"].string_value) == ["query", "value"]
+
+
+@pytest.mark.slow
+def test_mlflow_store_in_the_run_folder_holds_the_metrics_config_and_the_adapter(tracked_run, tiny_model_dir, tmp_path):
+    """Read back with MLflow's own client from the default store: SQLite inside the run folder."""
+    from mlflow import MlflowClient
+
+    out = tracked_run["out"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "peft-agnews"]
+    assert experiment.artifact_location == (out.resolve() / "mlartifacts").as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny-tracked" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["lora_r"] == "8" and params["plan.total_steps"] == "12" and params["accelerate.num_processes"] == "2"
+    assert params["data.train_examples"] == "432" and json.loads(params["wandb_tags"]) == ["tiny", "offline"]
+    for key, values in metrics_by_step(out).items():
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert history == pytest.approx(values), key
+    results = json.loads((out / "results.json").read_text())
+    assert run.data.metrics["results/test_accuracy"] == pytest.approx(results["test_accuracy"])
+    # The adapter is an artifact: download it with the client and load it with PEFT.
+    fetched = Path(client.download_artifacts(run.info.run_id, "adapter", str(tmp_path)))
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "README.md"} <= {p.name for p in fetched.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(fetched)
+    batch = tokenizer(["the striker scored a goal"], return_tensors="pt")
+    logits = []
+    for folder in (fetched, out / "adapter"):
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=4)
+        with torch.no_grad():
+            logits.append(PeftModel.from_pretrained(base, folder).eval()(**batch).logits)
+    assert torch.equal(*logits)
+    assert (out / "mlartifacts").is_dir(), "artifacts stay inside the run folder"

@@ -1,4 +1,5 @@
-"""End-to-end training runs: in-process, under `accelerate launch` (1 and 2 processes), and on real weights."""
+"""End-to-end training runs: in-process, under `accelerate launch` (1 and 2 processes), and on real weights; what a
+run prints (the dry run's arithmetic, the research-head warning)."""
 
 from __future__ import annotations
 
@@ -322,6 +323,34 @@ def test_sigterm_to_a_one_process_launcher_stops_the_trainer(tiny_model_dir, syn
     assert not (tmp_path / "results.json").exists()
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / f"step_{stopped_at}" / "COMPLETE").is_file() and stopped_at < 400
+
+
+# --- what a run prints: the dry run's arithmetic, the research-head warning -------------------------------------
+
+def test_dry_run_shows_the_per_module_arithmetic(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", lora_r="auto",
+                           max_trainable_params=2000, dry_run="true")
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "(auto: largest that fits), budget 2,000" in out
+    rows = {line.split("  ")[1].strip(): int(line.split()[-1].replace(",", ""))
+            for line in out.splitlines() if line.startswith("  ")}
+    total = int(out.split("trainable parameters: ")[1].split()[0].replace(",", ""))
+    assert set(rows) == {"biases", "LoRA A+B on attention.self.query", "LoRA A+B on attention.self.value",
+                         "classifier head"}
+    assert sum(rows.values()) == total <= 2000
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("head", ["first_token", "mean"])
+def test_a_custom_head_run_warns_at_start_that_plain_peft_cannot_load_it(head, tiny_model_dir, synthetic_train_csv,
+                                                                         tmp_path, capsys):
+    args = tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", classifier_head=head, dry_run="true")
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --classifier_head {head} is a research head: plain PEFT cannot load" in err
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, tmp_path / "run", dry_run="true")) == 0
+    assert "research head" not in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 autocast is what the run uses")

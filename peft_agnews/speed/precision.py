@@ -1,4 +1,6 @@
-"""`--half_precision_base`: the frozen base held in bf16 and run without autocast, the trained weights in fp32.
+"""The dtype the frozen base is held in: under fp16/bf16 autocast its Linear weights cast once
+(`--cast_frozen_weights`, `cast_frozen_linear_weights`), or the whole base in bf16 without autocast
+(`--half_precision_base`, `hold_base_in_half`). The trained weights stay fp32 either way.
 
 Under autocast every Linear casts its input to bf16 and LayerNorm runs in fp32, so each LayerNorm output is cast
 again for every Linear that reads it, and the residual stream stays fp32. Holding the frozen base itself in bf16
@@ -18,6 +20,25 @@ import torch.nn.functional as F
 from peft.utils import ModulesToSaveWrapper
 
 from peft_agnews.errors import UsageError
+
+
+def cast_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of Linear layers in `dtype`; returns how many tensors were cast.
+
+    Under autocast every Linear casts its fp32 weight to the half dtype on each call (autocast caches only
+    leaves that require grad), so frozen weights were re-cast every forward and every backward. Casting them
+    once gives the matmuls the very same half-precision values: results are unchanged. Trainable tensors
+    (LoRA, the head, LoRA-side biases), embeddings and LayerNorms stay fp32.
+    """
+    cast = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        for param in (module.weight, module.bias):
+            if param is not None and not param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
 
 
 def hold_base_in_half(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

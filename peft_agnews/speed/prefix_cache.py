@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from itertools import accumulate
 from pathlib import Path
@@ -73,10 +72,9 @@ class PrefixCache:
         cls, folder: Path, key: dict, lengths: list[int], hidden_size: int, dtype: torch.dtype,
         accelerator: Accelerator, max_gb: float,
     ) -> PrefixCache:
-        """Reuse the cache in `folder` if its key equals `key`, else (main process) create it empty; all wait."""
-        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
-            raise UsageError("--cache_frozen_prefix shares its files between the processes of one machine; "
-                             "drop it for multi-machine runs")
+        """Reuse the cache in `folder` if its key equals `key`, else (main process) create it empty; all wait.
+
+        Every process of the run must see the same files: one machine (`speed.check_prerequisites`)."""
         size = cache_bytes(lengths, hidden_size, dtype)
         if size > max_gb * 1e9:
             raise UsageError(

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from peft_agnews import dropout
+from peft_agnews import speed
+from peft_agnews.speed import dropout
 from peft_agnews.config import TrainConfig, parse_config
-from peft_agnews.dropout import PCG64Dropout, keep_mask, pcg64_dropout
+from peft_agnews.speed.dropout import PCG64Dropout, keep_mask, pcg64_dropout
 from peft_agnews.errors import UsageError
 from peft_agnews.model import apply_lora, load_base_model
 
@@ -66,9 +67,12 @@ def test_masks_follow_torchs_seed_and_eval_or_zero_rate_pass_through():
 
 
 def tiny(model_dir, **overrides):
+    """The tiny model with LoRA and the speed options (`speed.apply`), as training builds it."""
     cfg = TrainConfig(model_name_or_path=str(model_dir), gradient_checkpointing=False, **overrides)
     torch.manual_seed(0)
-    return apply_lora(load_base_model(cfg), cfg)
+    model = apply_lora(load_base_model(cfg), cfg)
+    speed.apply(model, cfg)
+    return model
 
 
 class Calls:
@@ -140,6 +144,7 @@ def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dir):
                           gradient_checkpointing=checkpointing)
         torch.manual_seed(0)
         model = apply_lora(load_base_model(cfg), cfg).train()
+        speed.apply(model, cfg)
         torch.manual_seed(5)
         model(**BATCH, labels=torch.tensor([0, 3, 1])).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo.utils as dynamo_utils
 
-from peft_agnews.frozen_prefix import encoder_layer_list
+from peft_agnews.speed.frozen_prefix import encoder_layer_list
 
 # dynamo's timers for a frame's compile (tracing, AOT autograd, inductor) and for a backward graph compiled lazily
 # at its first use; together they are the time spent compiling.
@@ -46,6 +45,8 @@ class CompileStats:
 
     @staticmethod
     def _now() -> tuple[int, float]:
+        import torch._dynamo.utils as dynamo_utils  # when asked: importing dynamo takes a while
+
         graphs = dynamo_utils.counters["stats"]["unique_graphs"]
         seconds = sum(sum(dynamo_utils.compilation_time_metrics.get(name, [])) for name in COMPILE_TIMERS)
         return graphs, seconds

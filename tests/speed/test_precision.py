@@ -1,4 +1,5 @@
-"""`--half_precision_base` (precision.py): the frozen base in bf16 without autocast, everything trained in fp32."""
+"""speed/precision.py: frozen Linear weights cast once under autocast (same logits), and `--half_precision_base`
+(the frozen base in bf16 without autocast, everything trained in fp32)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,26 @@ import torch
 from conftest import load_adapter_directly, run_cli, tiny_train_args
 from peft_agnews.config import TrainConfig
 from peft_agnews.model import apply_lora, load_base_model
-from peft_agnews.precision import hold_base_in_half
+from peft_agnews.speed.precision import cast_frozen_linear_weights, hold_base_in_half
 from peft_agnews.train import cli
+
+
+def lora_model(tiny_model_dir):
+    cfg = TrainConfig(model_name_or_path=str(tiny_model_dir), lora_dropout=0.0)
+    torch.manual_seed(0)
+    return apply_lora(load_base_model(cfg), cfg)
+
+
+def test_casting_frozen_weights_to_bf16_leaves_autocast_math_unchanged(tiny_model_dir):
+    """Autocast would cast each frozen Linear weight to bf16 on every call; casting once gives identical logits."""
+    reference = lora_model(tiny_model_dir).eval()
+    cast = lora_model(tiny_model_dir).eval()
+    assert cast_frozen_linear_weights(cast, torch.bfloat16) > 0
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
+    assert any(p.dtype == torch.bfloat16 for p in cast.parameters() if not p.requires_grad)
+    batch = {"input_ids": torch.tensor([[0, 5, 9, 12, 2], [0, 7, 30, 2, 1]]), "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 1, 0]])}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(reference(**batch).logits, cast(**batch).logits)
 
 
 @pytest.mark.parametrize("bias, head", [("lora_only", "model"), ("all", "model_output"), ("none", "mean")])

@@ -9,10 +9,10 @@ probability quantised to 2^-16 (0.9 -> 0.899994), kept values scaled by 1/keep a
 backward multiplies by the same saved bool mask.
 
 `use_pcg64_dropout(model)` puts this into every `nn.Dropout` of the model (the base's, the head's, PEFT's
-`lora_dropout`) and into the attention-probability dropout by registering an SDPA variant with transformers'
-`AttentionInterface`: while dropout is 0 (eval, `--model_dropout 0`) it is plain SDPA with its fused kernels;
-with dropout it runs SDPA's math path (matmul, softmax, dropout, matmul), the path torch's CPU SDPA takes for
-dropout anyway. On non-CPU tensors everything stays torch's own (GPU generators are parallel already).
+`lora_dropout`) and into the attention-probability dropout by registering (on first use, `register_attention`) an
+SDPA variant with transformers' `AttentionInterface`: while dropout is 0 (eval, `--model_dropout 0`) it is plain SDPA
+with its fused kernels; with dropout it runs SDPA's math path (matmul, softmax, dropout, matmul), the path torch's
+CPU SDPA takes for dropout anyway. On non-CPU tensors everything stays torch's own (GPU generators are parallel already).
 """
 
 from __future__ import annotations
@@ -118,8 +118,11 @@ def sdpa_pcg64_dropout_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, sdpa_pcg64_dropout_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same masks SDPA gets
+def register_attention() -> None:
+    """Make `sdpa_pcg64_dropout` an attention implementation transformers knows (done on first use, not at import;
+    registering again changes nothing)."""
+    AttentionInterface.register(ATTENTION, sdpa_pcg64_dropout_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same masks SDPA gets
 
 
 def use_pcg64_dropout(model: torch.nn.Module) -> int:
@@ -135,6 +138,7 @@ def use_pcg64_dropout(model: torch.nn.Module) -> int:
                 fast.train(child.training)
                 setattr(parent, name, fast)
                 swapped += 1
+    register_attention()
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation == "sdpa":
             sub.set_attn_implementation(ATTENTION)

@@ -7,8 +7,6 @@ place of the embeddings' output (so the embeddings are skipped too).
 The split happens inside the encoder's own forward (masks, heads and PEFT untouched): its layer list is replaced
 by a FrozenPrefixLayers holding the same modules under the same names, whose iteration yields one step that runs
 the prefix, then the trained layers. The state dict, hence the saved adapter, is that of the plain model.
-At the other end, with --first_token_last_layer, the last layer runs for the first token only (all a [CLS] head
-reads).
 """
 
 from __future__ import annotations
@@ -22,13 +20,10 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 from peft import PeftModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from peft_agnews.config import FIRST_TOKEN_HEADS, TrainConfig, first_token_head_problem
+from peft_agnews.config import TrainConfig
 from peft_agnews.data import fingerprint_rows
-from peft_agnews.errors import UsageError
-from peft_agnews.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
+from peft_agnews.speed.prefix_cache import ROWS_KEY, PrefixCache, cache_bytes, tokens_digest, weights_digest
 
 
 class FrozenPrefixLayers(torch.nn.ModuleList):
@@ -127,49 +122,6 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
     return prefix_layers
 
 
-def first_token_last_layer(model: torch.nn.Module, classifier_head: str) -> None:
-    """Compute the last encoder layer for the first token only (--first_token_last_layer).
-
-    The head reads nothing else, so the other tokens' outputs of that layer are dead work: only their keys and
-    values are needed (the first token attends to them). The same logits and gradients; on the MiniLM proxy the
-    layer then cost ~0.15 of its full self (EXPERIMENTS.md). The layer keeps its weights and names; only its
-    forward is replaced on this instance.
-    """
-    if classifier_head not in FIRST_TOKEN_HEADS:
-        raise UsageError(first_token_head_problem(classifier_head))
-    layers = encoder_layer_list(model)
-    last = list(layers._modules.values())[-1] if layers is not None else None
-    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate",
-             "output")
-    try:
-        for part in parts if last is not None else ():
-            last.get_submodule(part)
-    except AttributeError:
-        last = None
-    if last is None:
-        raise UsageError("--first_token_last_layer needs a BERT-style encoder (RoBERTa, BERT, MiniLM, ...)")
-    last.forward = partial(_first_token_forward, last)
-
-
-def _first_token_forward(layer: torch.nn.Module, hidden_states: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-    """BertLayer.forward (self-attention, then feed-forward) with queries and outputs for position 0 only."""
-    heads, first = layer.attention.self, hidden_states[:, :1]
-    batch = hidden_states.shape[0]
-
-    def split(states: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden) -> (batch, heads, tokens, head size)
-        return states.view(batch, -1, heads.num_attention_heads, heads.attention_head_size).transpose(1, 2)
-
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :1]  # (batch, 1, queries, keys): the first query's row
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(heads.config._attn_implementation, eager_attention_forward)
-    context, _ = attend(heads, split(heads.query(first)), split(heads.key(hidden_states)),
-                        split(heads.value(hidden_states)), attention_mask,
-                        dropout=heads.dropout.p if heads.training else 0.0, scaling=heads.scaling)
-    attended = layer.attention.output(context.reshape(batch, 1, -1), first)
-    return layer.output(layer.intermediate(attended), attended)
-
-
 def describe_prefix(prefix: FrozenPrefixLayers, cfg: TrainConfig, lengths: list[int], hidden_size: int,
                     dtype: torch.dtype, folder: Path) -> str:
     """The plan's line on the prefix: its depth and, with the cache, the cache's size and place."""
@@ -183,11 +135,9 @@ def describe_prefix(prefix: FrozenPrefixLayers, cfg: TrainConfig, lengths: list[
 
 def attach_cache(prefix: FrozenPrefixLayers, model: PeftModel, cfg: TrainConfig, train: Dataset, tokenized: Dataset,
                  dtype: torch.dtype, folder: Path, accelerator: Accelerator) -> PrefixCache:
-    """Open (reuse or build) the cache of `prefix` for the training split and let the prefix read it."""
+    """Open (reuse or build) the cache of `prefix` for the training split and let the prefix read it (its
+    prerequisites: `speed.check_prerequisites`)."""
     modules = prefix_modules(model, prefix.depth)
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for module in modules for m in module.modules()):
-        raise UsageError("--cache_frozen_prefix needs dropout off in the frozen layers (their output must be the "
-                         "same every epoch); pass --model_dropout 0")
     config = model.get_base_model().config
     key = {
         "model": cfg.model_name_or_path,
