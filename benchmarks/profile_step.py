@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps (phase medians); the last one is profiled")
     p.add_argument("--gradient_checkpointing", choices=["true", "false"], default="false")
     p.add_argument("--dropout_generator", choices=["torch", "pcg64"], default="pcg64")  # our default (TrainConfig)
+    p.add_argument("--torch_compile", choices=["true", "false"], default="false",
+                   help="compile as --torch_compile does (warm up with --warmup >= 3: the first steps compile)")
+    p.add_argument("--half_precision_base", choices=["true", "false"], default="false",
+                   help="the frozen base in bf16 without autocast (--precision bf16 only)")
     p.add_argument("--model_dir", default=None, help="an existing model folder (default: the roberta-base shape that "
                    "benchmarks/train_throughput.py builds)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "agnews" / "train_head10429.csv"))
@@ -74,22 +78,21 @@ def main(argv=None) -> None:
     from peft_agnews.config import TrainConfig
     from peft_agnews.data import load_splits
     from peft_agnews.hardware import cpu_bf16_flags
-    from peft_agnews.model import (apply_lora, cast_frozen_linear_weights, load_base_model, load_tokenizer,
-                                   optimizer_param_groups)
+    from peft_agnews.model import apply_lora, load_base_model, load_tokenizer, optimizer_param_groups
 
     model_dir = args.model_dir or prepare_model(throughput_args([]))
     cfg = TrainConfig(model_name_or_path=str(model_dir), train_file=args.data, gradient_accumulation_steps=1,
                       per_device_train_batch_size=args.batch_size, mixed_precision="no" if args.precision == "fp32"
                       else "bf16", gradient_checkpointing=args.gradient_checkpointing == "true", report_to="none",
-                      dropout_generator=args.dropout_generator)
-    accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision)
+                      dropout_generator=args.dropout_generator, torch_compile=args.torch_compile == "true",
+                      half_precision_base=args.half_precision_base == "true")
+    accelerator = Accelerator(cpu=True, mixed_precision="no" if cfg.half_precision_base else cfg.mixed_precision)
     tokenizer = load_tokenizer(cfg)
     loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
     torch.manual_seed(0)
     model = apply_lora(load_base_model(cfg), cfg)
-    speed.apply(model, cfg)  # the speed options as training applies them (--dropout_generator among them)
-    if args.precision == "bf16":
-        cast_frozen_linear_weights(model, torch.bfloat16)
+    # The speed options as training applies them: --dropout_generator, the frozen weights' dtype, compilation.
+    speed.apply(model, cfg, precision=cfg.mixed_precision)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -138,7 +141,8 @@ def main(argv=None) -> None:
     threads = torch.get_num_threads()
     print(f"{args.precision}, batch {args.batch_size}, shapes {phases['shape']}, torch threads {threads}, "
           f"CPU bf16 flags {' '.join(cpu_bf16_flags()) or 'none'}, gradient checkpointing "
-          f"{args.gradient_checkpointing}, dropout generator {args.dropout_generator}; median step "
+          f"{args.gradient_checkpointing}, dropout generator {args.dropout_generator}, torch.compile "
+          f"{args.torch_compile}, half-precision base {args.half_precision_base}; median step "
           f"{step_s:.3f} s ({args.batch_size / step_s:.2f} samples/s) over {args.steps} steps after {args.warmup}\n")
     print("| row | s per step | share |\n|---|---|---|")
     rows = []

@@ -7,6 +7,15 @@ round by round, and the table reports medians. Nothing here is asserted by tests
     python benchmarks/train_throughput.py --precision fp32 --rounds 1
     python benchmarks/train_throughput.py --device cuda --batch_size 32 --precision bf16
     python benchmarks/train_throughput.py --precision auto --runners ours,ours_typed,trainer   # as users start them
+    python benchmarks/train_throughput.py --runners ours,ours_compiled,ours_half,trainer,trainer_compiled
+
+Runners: `ours` (our loop in-process, as `peft_agnews/train.py` builds it), `ours_compiled` (+ `--torch_compile`),
+`ours_half` (+ `--half_precision_base`, bf16 only), `ours_half_compiled` (both), `ours_typed` (the headline command
+in a subprocess), `trainer` (the HF Trainer + PEFT fed our exact batch order), `trainer_compiled` (the same with
+TrainingArguments' own `torch_compile=True`), `trainer_padded` (every row padded to --max_length, random order: the
+design report's setting). The summary compares our fastest runner with the Trainer at its best (the faster of
+`trainer` and `trainer_compiled`). A compiled runner's warmup steps absorb its compilation; its seconds from launch
+to the first step include it.
 
 `ours_typed` starts our trainer the way the README does, `accelerate launch peft_agnews/train.py ...` with no
 Accelerate config (so the launcher's OMP_NUM_THREADS=1 and mixed precision 'no' reach it), and `--precision auto`
@@ -36,6 +45,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+# Our runners: the TrainConfig options each adds to the reference recipe's.
+OUR_RUNNERS = {
+    "ours": {},
+    "ours_compiled": {"torch_compile": True},
+    "ours_half": {"half_precision_base": True},
+    "ours_half_compiled": {"torch_compile": True, "half_precision_base": True},
+}
+RUNNERS = (*OUR_RUNNERS, "ours_typed", "trainer", "trainer_compiled", "trainer_padded")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,9 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our runners' --dropout_generator; the Trainer always draws torch's masks (same rates, same "
                         "Bernoulli distribution)")
     p.add_argument("--runners", default="ours,trainer",
-                   help="comma list of: ours, ours_typed (the headline command in a subprocess), trainer (fed our "
-                        "exact batch order), trainer_padded (every row padded to --max_length, random order: the "
-                        "design report's setting)")
+                   help="comma list of: " + ", ".join(RUNNERS) + " (see the module docstring)")
     p.add_argument("--model_config", default=str(SHARED / "roberta-base-tokenizer"),
                    help="folder with config.json + tokenizer; a random-init model of that shape is built")
     p.add_argument("--model_dir", default=None, help="an existing model folder (skips building from --model_config)")
@@ -124,7 +139,7 @@ def steady_rates(step_times: list[float], step_samples: list[int], step_tokens: 
 
 
 # ----------------------------------------------------------------------------------------------- runners
-def run_ours(args, model_dir: Path, launched: float) -> dict:
+def run_ours(args, model_dir: Path, launched: float, options: dict) -> dict:
     from peft_agnews.config import TrainConfig
     from peft_agnews.train import run
 
@@ -136,8 +151,9 @@ def run_ours(args, model_dir: Path, launched: float) -> dict:
         logging_steps=1, eval_steps=10**9, save_steps=0, report_to="none",
         mixed_precision="no" if args.precision == "fp32" else args.precision,
         gradient_checkpointing=args.gradient_checkpointing == "true", dropout_generator=args.dropout_generator,
+        **options,
     )
-    run(cfg)
+    results = run(cfg)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if "train/samples_per_second" in e]
     times = [args.batch_size / e["train/samples_per_second"] for e in train]
@@ -147,6 +163,7 @@ def run_ours(args, model_dir: Path, launched: float) -> dict:
     return {
         "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": padding_efficiency(cfg, len(train)),
         "eval_samples_s": eval_event["eval/samples_per_second"], "first_step_s": train[0]["time"] - launched,
+        "compile_s": results.get("compile_seconds", 0.0),
     }
 
 
@@ -208,7 +225,7 @@ def run_ours_typed(args, model_dir: Path, launched: float) -> dict:
     }
 
 
-def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dict:
+def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool, compiled: bool = False) -> dict:
     import torch
     from peft import get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -265,6 +282,7 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
         train_sampling_strategy="random" if pad_to_max else "group_by_length",
         logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
         use_cpu=args.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
+        torch_compile=compiled,
     )
     class SameBatchesTrainer(Trainer):
         """The Trainer fed our loop's exact batch order, so both runners compute on identical batches."""
@@ -272,6 +290,9 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(list(data["train"]["length"]), args.batch_size, seed=cfg.seed)
 
+    from peft_agnews.speed.compilation import CompileStats
+
+    compiling = CompileStats.start()
     timer = StepTimes()
     trainer_class = Trainer if pad_to_max else SameBatchesTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=data["train"],
@@ -286,18 +307,20 @@ def run_trainer(args, model_dir: Path, launched: float, pad_to_max: bool) -> dic
     return {
         "samples_s": samples_s, "tokens_s": tokens_s, "pad_eff": pad_eff,
         "eval_samples_s": evaluation["eval_samples_per_second"], "first_step_s": timer.first_step_wall - launched,
+        "compile_s": compiling.report()["compile_seconds"],
     }
 
 
 def child(args) -> None:
     launched = float(os.environ["BENCH_LAUNCHED"])
     model_dir = Path(os.environ["BENCH_MODEL_DIR"])
-    if args._child == "ours":
-        row = run_ours(args, model_dir, launched)
+    if args._child in OUR_RUNNERS:
+        row = run_ours(args, model_dir, launched, OUR_RUNNERS[args._child])
     elif args._child == "ours_typed":
         row = run_ours_typed(args, model_dir, launched)
     else:
-        row = run_trainer(args, model_dir, launched, pad_to_max=args._child == "trainer_padded")
+        row = run_trainer(args, model_dir, launched, pad_to_max=args._child == "trainer_padded",
+                          compiled=args._child == "trainer_compiled")
     import torch
 
     from peft_agnews.hardware import cpu_bf16_flags
@@ -326,6 +349,9 @@ def main(argv=None) -> None:
     peak = matmul_peak(args.device, args.precision)
     n_linear = linear_params(model_dir)
     runners = args.runners.split(",")
+    unknown = [r for r in runners if r not in RUNNERS]
+    if unknown:
+        sys.exit(f"error: unknown runner(s) {unknown}; choose from {', '.join(RUNNERS)}")
     results: dict[str, list[dict]] = {r: [] for r in runners}
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     for round_index in range(args.rounds):
@@ -349,17 +375,25 @@ def main(argv=None) -> None:
     print(f"\n{args.device}, {args.precision}, batch {args.batch_size}, gradient checkpointing "
           f"{args.gradient_checkpointing}, our dropout generator {args.dropout_generator} (trainer: torch), {args.steps} timed steps after {args.warmup}, median of {args.rounds} "
           f"round(s); matmul peak {peak / 1e12:.3f} TFLOP/s ({args.precision}); model {model_dir.name}\n")
-    header = "| runner | train samples/s | real tokens/s | padding eff. | TFLOP/s | MFU | peak mem GiB | eval samples/s | launch to 1st step s |"
-    print(header + "\n|" + "---|" * 9)
+    header = ("| runner | train samples/s | real tokens/s | padding eff. | TFLOP/s | MFU | peak mem GiB | eval samples/s "
+              "| launch to 1st step s | compile s |")
+    print(header + "\n|" + "---|" * 10)
     for r in rows:
         print(f"| {r['runner']} | {r['samples_s']:.2f} | {r['tokens_s']:.0f} | {r['pad_eff']:.2f} | {r['tflops']:.3f} | "
-              f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | {r['eval_samples_s']:.1f} | {r['first_step_s']:.1f} |")
+              f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | {r['eval_samples_s']:.1f} | {r['first_step_s']:.1f} | "
+              f"{r.get('compile_s', 0.0):.1f} |")
     print("\n" + "; ".join(f"{r['runner']}: {r['threads']:.0f} thread(s), {r['precision']}" for r in rows)
           + f"; CPU bf16 flags: {rows[0]['cpu_bf16_flags']}")
     by = {r["runner"]: r for r in rows}
     if "ours" in by and "trainer" in by:
         print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x; "
               f"MFU ours {by['ours']['mfu']:.1%}, trainer {by['trainer']['mfu']:.1%}")
+    ours = [r for r in rows if r["runner"] in OUR_RUNNERS]
+    theirs = [r for r in rows if r["runner"] in ("trainer", "trainer_compiled")]
+    if ours and theirs:
+        best, anchor = max(ours, key=lambda r: r["samples_s"]), max(theirs, key=lambda r: r["samples_s"])
+        print(f"our fastest ({best['runner']}) / the Trainer at its best ({anchor['runner']}) (train samples/s): "
+              f"{best['samples_s'] / anchor['samples_s']:.2f}x; MFU {best['mfu']:.1%} vs {anchor['mfu']:.1%}")
     for a, b in (("ours_typed", "trainer"), ("ours_typed", "ours")):
         if a in by and b in by:
             print(f"{a} / {b} (train samples/s): {by[a]['samples_s'] / by[b]['samples_s']:.2f}x")

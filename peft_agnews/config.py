@@ -460,6 +460,19 @@ class TrainConfig:
         + ", ".join(name for name, head in HEADS.items() if head.first_token_only) + "), less work.",
         group="speed",
     )
+    torch_compile: bool = option(
+        False, "Compile the encoder's layers with torch.compile (inductor) for training and evaluation: the same "
+        "math in fused kernels after a one-off compile, whose time and graph count results.json reports. With "
+        "dropout, the compiled graphs draw other masks than eager ones.", group="speed",
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = option(
+        None, "torch.compile mode (setting one implies --torch_compile true); unset: 'default'.", group="speed",
+    )
+    half_precision_base: bool = option(
+        False, "Hold the frozen base (weights and activations) in bf16 and run it without autocast; LoRA and head "
+        "weights, gradients and optimizer state stay fp32. Needs bf16 (--mixed_precision bf16, or auto resolving "
+        "to it). Other rounding than autocast, hence slightly other results.", group="speed",
+    )
 
     def __post_init__(self) -> None:
         # W&B sweep agents pass lists as one `--name=a,b` argument.
@@ -472,6 +485,8 @@ class TrainConfig:
         self.output_dir = _expand_env(self.output_dir, "--output_dir")
         self.model_name_or_path = _expand_env(self.model_name_or_path, "--model_name_or_path")
         self.lora_r = _parse_rank(self.lora_r)
+        if self.torch_compile_mode is not None:  # as TrainingArguments: a mode asks for compilation
+            self.torch_compile = True
         self.lora_layers = str(self.lora_layers).strip().lower().replace(" ", "")
         self.lora_rank_pattern = _split_commas(self.lora_rank_pattern)
         rank_pattern_dict(self.lora_rank_pattern)  # validates MODULE=RANK

@@ -406,25 +406,6 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
     base.enable_input_require_grads()
 
 
-def cast_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights and biases of Linear layers in `dtype`; returns how many tensors were cast.
-
-    Under autocast every Linear casts its fp32 weight to the half dtype on each call (autocast caches only
-    leaves that require grad), so frozen weights were re-cast every forward and every backward. Casting them
-    once gives the matmuls the very same half-precision values: results are unchanged. Trainable tensors
-    (LoRA, the head, LoRA-side biases), embeddings and LayerNorms stay fp32.
-    """
-    cast = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:
-            continue
-        for param in (module.weight, module.bias):
-            if param is not None and not param.requires_grad and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                cast += 1
-    return cast
-
-
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -35,8 +35,10 @@ class Plan:
 
     @classmethod
     def build(
-        cls, cfg: TrainConfig, train_examples: int, eval_examples: int, accelerator: Accelerator, test_examples: int = 0
+        cls, cfg: TrainConfig, train_examples: int, eval_examples: int, accelerator: Accelerator,
+        mixed_precision: str | None = None, test_examples: int = 0,
     ) -> Plan:
+        """`mixed_precision`: what the run computes in, when not the Accelerator's autocast (a half-precision base)."""
         procs = accelerator.num_processes
         # Accelerate gives every process the same number of batches (the last ones padded by repetition).
         batches = math.ceil(math.ceil(train_examples / cfg.per_device_train_batch_size) / procs)
@@ -54,7 +56,7 @@ class Plan:
             effective_batch=cfg.effective_batch(procs),
             per_device_batch=cfg.per_device_train_batch_size,
             accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=accelerator.mixed_precision,
+            mixed_precision=mixed_precision or accelerator.mixed_precision,
             num_threads=torch.get_num_threads(),
             test_examples=test_examples,
         )

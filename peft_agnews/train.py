@@ -64,7 +64,6 @@ from peft_agnews.heads import ours, research_head_warning
 from peft_agnews.model import (
     apply_lora,
     trainable_breakdown,
-    cast_frozen_linear_weights,
     targets_without_lora,
     check_gradient_flow,
     count_parameters,
@@ -86,11 +85,23 @@ MISCLASSIFIED_ROWS = 50
 VALIDATION_REPORT = "eval_validation.json"  # figures.write_run_plots draws eval_<split>.json as eval_<split>.png
 
 
-def accelerator_options(cfg: TrainConfig) -> dict:
-    """The training Accelerator's precision, accumulation and trackers (see `runtime.accelerator_session`)."""
+def run_precision(cfg: TrainConfig) -> str:
+    """The precision this run computes in ('no', 'fp16', 'bf16'), `--mixed_precision auto` resolved."""
     on_cpu = distributed_on_cpu() or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    precision = resolve_mixed_precision(cfg.mixed_precision, on_cpu)
+    if precision == "fp16" and on_cpu:  # Accelerate autocasts fp16 on accelerators only: it would run fp32 silently
+        raise UsageError("fp16 mixed precision needs a GPU (Accelerate has no fp16 autocast on CPU); on this machine "
+                         "use --mixed_precision bf16 or no (or auto), or a launch config without fp16")
+    return precision
+
+
+def accelerator_options(cfg: TrainConfig) -> dict:
+    """The training Accelerator's precision, accumulation and trackers (see `runtime.accelerator_session`).
+
+    A half-precision base computes in bf16 by its own dtype: the Accelerator then adds no autocast."""
+    precision = run_precision(cfg)
     return dict(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on_cpu),
+        mixed_precision="no" if cfg.half_precision_base else precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=resolve_trackers(cfg) or None,
         # TensorBoard writes under logging_dir (trackers.tensorboard_dir); nothing else reads these folders.
@@ -153,6 +164,7 @@ class Built:
     total_params: int
     prefix: speed.FrozenPrefixLayers | None
     frozen_dtype: torch.dtype  # of the frozen prefix's cache: the half precision in use, else fp32
+    compile_stats: speed.CompileStats | None = None  # graphs compiled and compile time since the model was built
 
 
 @dataclass
@@ -232,21 +244,22 @@ def build_model(cfg: TrainConfig, data: Data, accelerator: Accelerator, out: Pat
     if unplaced and accelerator.is_main_process:
         print(f"warning: --lora_target_modules {unplaced} got no LoRA: outside --lora_layers {cfg.lora_layers} "
               "(LoRA goes inside the encoder's layers only) or excluded by --lora_exclude_modules", file=sys.stderr)
-    # The speed options (PCG64 masks, the frozen prefix, the first-token last layer): see speed/__init__.py.
-    prefix = speed.apply(model, cfg, accelerator.num_processes)
+    # The speed options (PCG64 masks, the frozen prefix, the first-token last layer, the dtype of the frozen base,
+    # torch.compile): see speed/__init__.py.
+    precision = run_precision(cfg)
+    compile_stats = speed.CompileStats.start() if cfg.torch_compile else None
+    prefix = speed.apply(model, cfg, accelerator.num_processes, precision, say=log.info)
     trainable, total_params = count_parameters(model)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    if half is not None and cfg.cast_frozen_weights:
-        cast_frozen_linear_weights(model, half)
+    half = speed.HALF.get(precision)
     splits = data.splits
-    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator,
+    plan = Plan.build(cfg, len(splits["train"]), len(splits["validation"]), accelerator, precision,
                       test_examples=len(splits["test"]) if "test" in splits else 0)
     log.info(plan.describe(trainable, total_params))
     if prefix is not None:
         log.info(speed.describe_prefix(prefix, cfg, list(data.tokenized["train"]["length"]),
                                        model.get_base_model().config.hidden_size, half or torch.float32,
                                        out / speed.CACHE_DIR))
-    return Built(model, plan, trainable, total_params, prefix, half or torch.float32)
+    return Built(model, plan, trainable, total_params, prefix, half or torch.float32, compile_stats)
 
 
 def describe_trainable(cfg: TrainConfig, built: Built, accelerator: Accelerator) -> None:
@@ -351,6 +364,9 @@ def finish(cfg: TrainConfig, data: Data, built: Built, optim: Optimisation, acce
         )
         logger.log_table("eval/misclassified", rows, step=state.step)
     results["wall_time_seconds"] = time.perf_counter() - wall_start
+    if built.compile_stats is not None:  # compile time is inside train_runtime and wall_time_seconds: reported apart
+        results.update(built.compile_stats.report())
+        log.info(f"torch.compile: {results['compiled_graphs']} graph(s) compiled in {results['compile_seconds']:.1f} s")
     # Sharded (FSDP) weights must be gathered by every process; otherwise this is the model's own state dict.
     full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:

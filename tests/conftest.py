@@ -130,9 +130,9 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), arch="bert")
 
 
-def build_tiny_model(out: Path, arch: str = "roberta") -> Path:
-    """A 2-layer, 32-wide RoBERTa (or BERT) encoder (briefly pretrained, see _pretrain) + word-level tokenizer,
-    saved like a Hub checkpoint."""
+def build_tiny_model(out: Path, arch: str = "roberta", num_layers: int = 2) -> Path:
+    """A 2-layer (or `num_layers`), 32-wide RoBERTa (or BERT) encoder (briefly pretrained, see _pretrain) +
+    word-level tokenizer, saved like a Hub checkpoint."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import (
@@ -156,7 +156,7 @@ def build_tiny_model(out: Path, arch: str = "roberta") -> Path:
         **({"bos_token": cls, "eos_token": sep} if arch == "roberta" else {}),
     )
     tokenizer.save_pretrained(out)
-    shape = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    shape = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=160, pad_token_id=1, num_labels=4)
     torch.manual_seed(0)
     if arch == "roberta":

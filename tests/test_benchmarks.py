@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import build_tiny_model, run_cli
 
 
 @pytest.mark.slow
@@ -57,3 +57,25 @@ def test_profile_step_benchmark_splits_a_step_into_rows(generator, tiny_model_di
     step = float(rows.pop("**step**").strip("*"))
     # The rows add up to the step (each printed to 1 ms).
     assert step > 0 and sum(float(v) for v in rows.values()) == pytest.approx(step, abs=0.0005 * (len(rows) + 1))
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_small_on_the_cpu(tiny_model_dir, synthetic_train_csv, tmp_path):
+    """GPU_CHECK_SMOKE=1: the check's steps (GPU-marked tests, throughput at batch 32 and at the largest batch that
+    fits, the proxy recipes) on the CPU with tiny models, ending in its one table."""
+    six_layers = build_tiny_model(tmp_path / "bert6", arch="bert", num_layers=6)  # the proxy recipes' depth
+    out = tmp_path / "check"
+    proc = run_cli(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=1200, env={
+        "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "MODEL_DIR": str(tiny_model_dir),
+        "MINILM_DIR": str(six_layers), "DATA": str(synthetic_train_csv)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout
+    assert "exit status" not in proc.stderr, proc.stderr
+    assert re.search(r"\| GPU-marked tests \(tests/test_gpu.py\) \| [1-9]\d* passed, 0 failed, 0 skipped \|", table), table
+    for batch, runners in ((32, ("ours", "ours_compiled", "trainer", "trainer_compiled")), (64, ("ours", "trainer"))):
+        for runner in runners:
+            assert re.search(rf"\| throughput, batch {batch}, {runner} \| [\d.]+ samples/s, MFU", table), table
+        assert re.search(rf"batch {batch}: our fastest / the Trainer at its best \| [\d.]+x", table), table
+    for recipe in ("proxy-minilm", "proxy-fast"):
+        assert re.search(rf"\| time to accuracy, {recipe} \| [\d.]+% validation accuracy in \d+ s", table), table
+    assert (out / "table.md").read_text().strip() == table.strip()

@@ -56,6 +56,7 @@ WHOLE_SYSTEM_TESTS = {
     "test_layout": "the package's layout",
     "test_deprecations": "the suite's deprecation rule (pyproject.toml, conftest.py)",
     "test_trainer_options": "the HF Trainer's options, across config, plan and train (docs/trainer-options.md)",
+    "test_gpu": "training on a CUDA GPU (benchmarks/gpu_check.sh runs it there)",
 }
 
 

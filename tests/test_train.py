@@ -382,3 +382,13 @@ def test_a_class_in_validation_but_not_in_training_is_warned_about(tiny_model_di
     assert cli(argv) == 0
     assert ("warning: class(es) ['Sports'] appear in the validation rows but in no training row: the model cannot "
             "learn them") in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 autocast is what the run uses")
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tiny_model_dir, synthetic_train_csv, tmp_path, capsys):
+    """Accelerate has no fp16 autocast on CPU: the run would train in fp32 under an fp16 label (and the frozen
+    weights cast to fp16 would not even multiply with fp32 activations)."""
+    out = tmp_path / "run"
+    assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, out, mixed_precision="fp16")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: fp16 mixed precision needs a GPU")
+    assert not out.exists()

@@ -17,6 +17,9 @@ CPU SDPA takes for dropout anyway. On non-CPU tensors everything stays torch's o
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -28,13 +31,32 @@ LANE = 2**16  # the keep probability's resolution: one uint16 lane per element
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool mask, True with probability round((1 - p) * 2^16) / 2^16, seeded by one draw of torch's generator."""
-    n = int(np.prod(shape, dtype=np.int64))
-    seed = int(torch.randint(2**62, ()))
-    with torch.profiler.record_function("dropout mask (pcg64)"):  # numpy's time is otherwise no operator's
-        lanes = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
-        mask = torch.from_numpy(lanes < round((1 - p) * LANE)).view(shape)
-    return mask.to(device)
+    """A bool mask, True with probability round((1 - p) * 2^16) / 2^16, seeded by one draw of torch's generator.
+
+    The bits come from an opaque custom op (`peft_agnews::pcg64_keep_mask`): eager calls it directly, and under
+    torch.compile it stays one node of the graph (no graph break at numpy); the seed draw before it is an
+    ordinary random op, so the run's generator state decides every mask either way."""
+    if not torch.compiler.is_compiling():  # a compiled graph finds the op defined by its eager caller
+        define_mask_op()
+    seed = torch.randint(2**62, (), dtype=torch.int64)
+    return torch.ops.peft_agnews.pcg64_keep_mask(seed, list(shape), round((1 - p) * LANE)).to(device)
+
+
+@functools.cache
+def define_mask_op() -> None:
+    """Define `torch.ops.peft_agnews.pcg64_keep_mask(seed, shape, threshold)` (once, on first use): the mask of
+    `threshold / 2^16` keep probability drawn from PCG64 seeded by `seed`, a CPU int64 scalar tensor."""
+
+    @torch.library.custom_op("peft_agnews::pcg64_keep_mask", mutates_args=(), device_types="cpu")
+    def pcg64_keep_mask(seed: torch.Tensor, shape: list[int], threshold: int) -> torch.Tensor:
+        n = math.prod(shape)
+        with torch.profiler.record_function("dropout mask (pcg64)"):  # numpy's time is otherwise no operator's
+            lanes = np.random.PCG64(int(seed)).random_raw((n + 3) // 4).view(np.uint16)[:n]
+            return torch.from_numpy(lanes < threshold).view(shape)
+
+    @pcg64_keep_mask.register_fake
+    def _(seed: torch.Tensor, shape: list[int], threshold: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.bool)
 
 
 class _ScaleByMask(torch.autograd.Function):
@@ -107,6 +129,7 @@ def use_pcg64_dropout(model: torch.nn.Module) -> int:
     """Swap every `nn.Dropout` in `model` for a `PCG64Dropout` of the same rate, and move SDPA attention to
     `sdpa_pcg64_dropout`; returns how many dropout layers were swapped. Models on eager attention keep torch's
     masks for the attention probabilities (their dropout layers are still swapped)."""
+    define_mask_op()  # before any compiled graph meets it
     swapped = 0
     for parent in list(model.modules()):
         for name, child in parent.named_children():
