@@ -70,6 +70,8 @@ def throughput_rows(out: Path) -> list[str]:
             best, anchor = max(ours, key=lambda r: r["samples_s"]), max(theirs, key=lambda r: r["samples_s"])
             rows.append(f"| throughput, batch {batch}: our fastest / the Trainer at its best | "
                         f"{best['samples_s'] / anchor['samples_s']:.2f}x ({best['runner']} vs {anchor['runner']}) |")
+        for name in record.get("failed", []):
+            rows.append(f"| throughput, batch {batch}, {name} | failed (see {file.stem}.log) |")
     return rows
 
 

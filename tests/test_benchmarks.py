@@ -79,3 +79,22 @@ def test_gpu_check_runs_every_step_small_on_the_cpu(tiny_model_dir, synthetic_tr
     for recipe in ("proxy-minilm", "proxy-fast"):
         assert re.search(rf"\| time to accuracy, {recipe} \| [\d.]+% validation accuracy in \d+ s", table), table
     assert (out / "table.md").read_text().strip() == table.strip()
+
+
+def test_gpu_check_table_shows_a_failed_runner_beside_the_ones_that_ran(tmp_path):
+    """A runner that fails (out of memory at the big batch) is a table row saying so; the others keep their numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    row = {"runner": "ours", "samples_s": 100.0, "mfu": 0.4, "peak_mem_gib": 3.0}
+    (tmp_path / "throughput_b512.json").write_text(json.dumps({
+        "args": {"batch_size": 512}, "rows": [row, {**row, "runner": "trainer", "samples_s": 50.0}],
+        "failed": ["ours_compiled"]}))
+    table = gpu_check.table(tmp_path, ["proxy-fast"])
+    assert "| throughput, batch 512, ours | 100.0 samples/s, MFU 40.0%, peak 3.0 GiB, compile 0 s |" in table
+    assert "| throughput, batch 512: our fastest / the Trainer at its best | 2.00x (ours vs trainer) |" in table
+    assert "| throughput, batch 512, ours_compiled | failed (see throughput_b512.log) |" in table
+    assert "| time to accuracy, proxy-fast | not finished (see proxy-fast.log) |" in table
