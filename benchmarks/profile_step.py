@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Operator-name fragments -> row of the table, first match wins (names as torch.profiler reports aten ops).
 KINDS = [
+    # inductor's generated kernels (named for the ops they fuse, so matched first); profiled when compiling
+    ("compiled fused kernels (inductor)", ("cpp_fused", "triton_")),
     ("attention (SDPA / bmm / softmax)", ("scaled_dot_product", "flash_attention", "bmm", "softmax", "baddbmm")),
     ("matmuls (Linear: addmm/mm)", ("addmm", "aten::mm", "linear", "matmul")),
     ("dropout masks", ("dropout", "bernoulli")),  # "dropout mask (pcg64)" is the pcg64 generator's own event
@@ -86,6 +88,10 @@ def main(argv=None) -> None:
                       else "bf16", gradient_checkpointing=args.gradient_checkpointing == "true", report_to="none",
                       dropout_generator=args.dropout_generator, torch_compile=args.torch_compile == "true",
                       half_precision_base=args.half_precision_base == "true")
+    if cfg.torch_compile:  # name inductor's C++ kernels in the profile (else their time shows as dispatch)
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
     accelerator = Accelerator(cpu=True, mixed_precision="no" if cfg.half_precision_base else cfg.mixed_precision)
     tokenizer = load_tokenizer(cfg)
     loader = make_dataloaders(tokenize_splits(load_splits(cfg), tokenizer, cfg.max_length), tokenizer, cfg)["train"]
