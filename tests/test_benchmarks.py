@@ -71,7 +71,8 @@ def test_gpu_check_runs_every_step_small_on_the_cpu(tiny_model_dir, synthetic_tr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
     assert "exit status" not in proc.stderr, proc.stderr
-    assert re.search(r"\| GPU-marked tests \(tests/test_gpu.py\) \| [1-9]\d* passed, 0 failed, 0 skipped \|", table), table
+    # On a CPU the fp16 case is skipped (Accelerate has no fp16 autocast there); everything else runs.
+    assert re.search(r"\| GPU-marked tests \(tests/test_gpu.py\) \| [1-9]\d* passed, 0 failed, 1 skipped \|", table), table
     for batch, runners in ((32, ("ours", "ours_compiled", "trainer", "trainer_compiled")), (64, ("ours", "trainer"))):
         for runner in runners:
             assert re.search(rf"\| throughput, batch {batch}, {runner} \| [\d.]+ samples/s, MFU", table), table
