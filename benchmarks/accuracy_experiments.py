@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def main() -> None:
                         help="bf16 autocast: fast on CPUs with AMX/AVX512-BF16, ~8x slower on AVX2-only ones")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose name starts with these")
     parser.add_argument("--table_only", action="store_true", help="print the table of recorded runs")
-    parser.add_argument("--work_dir", default="/tmp/peft_agnews_accuracy")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "peft_agnews_accuracy"))
     args = parser.parse_args()
     variants = MODES[args.which]
     seeds = args.seeds or ([1] if args.which == "ablation" else [1, 2, 3])

@@ -1,9 +1,9 @@
 """Time to accuracy on the CPU proxy: recipes/proxy-minilm.yaml against faster recipes, side by side in one run.
 
-    flock /tmp/peft-cpu.lock python benchmarks/time_to_accuracy.py screen   # baseline + candidates at seed 1, then
-                                                                         # baseline vs the pick at seeds 2 and 3
-    python benchmarks/time_to_accuracy.py final --seeds 1 2 3 --lock /tmp/peft-cpu.lock  # vs recipes/proxy-fast.yaml
-                                                    # (each run holds the lock while it trains, not the whole sweep)
+    python benchmarks/time_to_accuracy.py screen   # baseline + candidates at seed 1, then
+                                                 # baseline vs the pick at seeds 2 and 3
+    python benchmarks/time_to_accuracy.py final --seeds 1 2 3 --lock LOCKFILE  # vs recipes/proxy-fast.yaml
+                                                 # (each run holds the lock while it trains, not the whole sweep)
 
 The pick: the fastest candidate with the model's own head whose seed-1 accuracy is within PICK_TOLERANCE points of
 the baseline's; else the fastest candidate within it; else the most accurate one.
@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import statistics
+import tempfile
 from pathlib import Path
 
 from accuracy_experiments import REPO, run_one
@@ -52,7 +53,7 @@ SCREEN = {
     "top1 + cache, bf16": top(1),
     "top2, no cache, bf16": top(2, cache=False),
     "top2 + cache, fp32": top(2, precision="no"),
-    # Session 4: fewer, larger steps (the trained top is bound by per-step cost), more cached epochs of few layers.
+    # Fewer, larger steps (the trained top is bound by per-step cost), more cached epochs of few layers.
     "top2 + cache, bf16, batch 128, lr x2": top(2, per_device_train_batch_size=128, learning_rate=4e-3,
                                                 head_learning_rate=2e-2),
     "top1 + cache, bf16, 3 epochs": top(1, epochs=3),
@@ -77,9 +78,9 @@ SCREEN = {
     "top3 + cache, bf16, first-token last layer": top(3, first_token_last_layer="true"),
     "top3 + cache, bf16, eager, first-token last layer, max length 64": top(
         3, attn_implementation="eager", first_token_last_layer="true", max_length=64),
-    # Session 5: backward stops at the lowest LoRA module, so the lowest trained layer keeps LoRA on its feed-forward
+    # Backward stops at the lowest LoRA module, so the lowest trained layer keeps LoRA on its feed-forward
     # only (its attention then runs without autograd, like the prefix), or on its last Linear only.
-    "proxy-fast.yaml (session 4)": FAST,
+    "proxy-fast.yaml (top3 + cache, eager, first-token last layer)": FAST,
     "proxy-fast.yaml, layer 3: LoRA on the FFN only": {**FAST, "lora_exclude_modules": LAYER3_ATTENTION},
     "proxy-fast.yaml, layer 3: LoRA on output.dense only": {
         **FAST, "lora_exclude_modules": [*LAYER3_ATTENTION, "layer.3.intermediate.dense"]},
@@ -168,9 +169,9 @@ def main() -> None:
                         help="screen: seeds at which the baseline and the pick run next (none: stop after screening)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the variants of these names")
     parser.add_argument("--table_only", action="store_true")
-    parser.add_argument("--work_dir", default="/tmp/peft_agnews_time_to_accuracy")
-    parser.add_argument("--lock", default=None, help="a lock file each run holds while it trains (flock), e.g. "
-                        "/tmp/peft-cpu.lock: one invocation of many runs without holding the machine between them")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "peft_agnews_time_to_accuracy"))
+    parser.add_argument("--lock", default=None, help="a lock file each run holds while it trains (flock), shared "
+                        "with other jobs on the machine: one invocation of many runs without holding the machine between them")
     args = parser.parse_args()
     results_file = REPO / "benchmarks" / "results" / f"time_to_accuracy_{args.which}.json"
     records = json.loads(results_file.read_text()) if results_file.is_file() else []
@@ -184,7 +185,7 @@ def main() -> None:
                     continue
                 try:
                     run_variant(name, options, seed, work_dir, records, results_file, args.lock)
-                except RuntimeError as err:  # one failed variant must not cost the rest of the locked session
+                except RuntimeError as err:  # one failed variant must not cost the rest of the sweep
                     print(f"{name} seed {seed}: {err}", flush=True)
 
     if not args.table_only:
