@@ -4,6 +4,7 @@
                                                  # baseline vs the pick at seeds 2 and 3
     python benchmarks/time_to_accuracy.py final --seeds 1 2 3 --lock LOCKFILE  # vs recipes/proxy-fast.yaml
                                                  # (each run holds the lock while it trains, not the whole sweep)
+    python benchmarks/time_to_accuracy.py levers --seeds 1 2 3   # proxy-fast.yaml with a bf16 frozen base, compiled
 
 The pick: the fastest candidate with the model's own head whose seed-1 accuracy is within PICK_TOLERANCE points of
 the baseline's; else the fastest candidate within it; else the most accurate one.
@@ -89,7 +90,12 @@ SCREEN = {
         "lora_exclude_modules": LAYER3_ATTENTION},
 }
 FINAL = {BASELINE: PROXY, "proxy-fast.yaml": FAST}
-MODES = {"screen": SCREEN, "final": FINAL}
+# The speed levers that leave the recipe as it is, paired against proxy-fast.yaml itself: its frozen base held in
+# bf16 (no autocast) and its layers compiled (compile time counted in the training time).
+LEVERS = {"proxy-fast.yaml": FAST, "proxy-fast.yaml + bf16 frozen base": {**FAST, "half_precision_base": "true"},
+          "proxy-fast.yaml + torch.compile": {**FAST, "torch_compile": "true"}}
+MODES = {"screen": SCREEN, "final": FINAL, "levers": LEVERS}
+BASELINES = {"screen": BASELINE, "final": BASELINE, "levers": "proxy-fast.yaml"}
 # accuracy_experiments.COMMON pins fp32 for every run; these runs choose their precision themselves.
 PRECISION_KEY = "mixed_precision"
 
@@ -194,7 +200,7 @@ def main() -> None:
             chosen = pick(records, args.seeds[0])
             print(f"pick: {chosen}", flush=True)
             run_all({BASELINE: PROXY, chosen: SCREEN[chosen]}, args.final_seeds)
-    print(table(records, BASELINE))
+    print(table(records, BASELINES[args.which]))
 
 
 if __name__ == "__main__":
