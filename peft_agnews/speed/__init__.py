@@ -29,7 +29,7 @@ from peft import PeftModel
 from peft_agnews.config import TrainConfig
 from peft_agnews.errors import UsageError
 from peft_agnews.hardware import spans_machines
-from peft_agnews.speed.compilation import CompileStats, compile_layers
+from peft_agnews.speed.compilation import CompileStats, compile_layers, cpu_compiler_problem
 from peft_agnews.speed.dropout import use_pcg64_dropout
 from peft_agnews.speed.first_token import bert_style_last_layer, first_token_last_layer
 from peft_agnews.speed.frozen_prefix import (
@@ -77,12 +77,16 @@ def check_prerequisites(model: PeftModel, cfg: TrainConfig, num_processes: int =
 
     --cache_frozen_prefix needs a frozen prefix (--frozen_prefix true and LoRA on the top layers only), no dropout in
     it (its output must be the same every epoch) and one machine (every process maps the same files);
-    --first_token_last_layer needs a BERT-style encoder; --half_precision_base needs bf16.
+    --first_token_last_layer needs a BERT-style encoder; --half_precision_base needs bf16; --torch_compile on a
+    CPU needs a C++ compiler.
     """
     if cfg.half_precision_base and precision != "bf16":
         raise UsageError(f"--half_precision_base needs bf16, but this run computes in "
                          f"{'fp32' if precision == 'no' else precision}; pass --mixed_precision bf16 (slow on a CPU "
                          "without bf16 instructions) or drop --half_precision_base")
+    if cfg.torch_compile and not torch.cuda.is_available() and (problem := cpu_compiler_problem()):
+        raise UsageError(f"--torch_compile on a CPU needs a C++ compiler for inductor's kernels ({problem}); install "
+                         "g++ (or set CXX to one), or drop --torch_compile")
     if cfg.cache_frozen_prefix:
         depth = frozen_depth(model) if cfg.frozen_prefix else 0
         if depth == 0:

@@ -36,6 +36,17 @@ def compile_layers(model: torch.nn.Module, mode: str | None) -> int:
     return len(modules)
 
 
+def cpu_compiler_problem() -> str | None:
+    """Why inductor cannot build CPU kernels here (no C++ compiler it accepts), or None when it can."""
+    from torch._inductor.cpp_builder import get_cpp_compiler  # when asked: importing inductor takes a while
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # inductor raises its own InvalidCxxCompiler, or OSError from the search
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
 @dataclass
 class CompileStats:
     """Graphs compiled and seconds spent compiling since `start()` (dynamo's counters are process-wide)."""

@@ -95,3 +95,16 @@ print("ok")
 """
     proc = run_cli([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_compiling_on_a_cpu_without_a_cxx_compiler_is_refused_before_anything_changes(monkeypatch):
+    """inductor builds CPU kernels with a C++ compiler: without one the run would fail at its first step."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = TrainConfig(torch_compile=True, gradient_checkpointing=False)
+    model = four_layer_model(gradient_checkpointing=False)
+    with pytest.raises(UsageError, match=r"--torch_compile on a CPU needs a C\+\+ compiler .*install g\+\+"):
+        speed.apply(model, cfg)
+    assert untouched(model)
