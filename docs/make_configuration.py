@@ -28,6 +28,16 @@ YAML file passed with `--config FILE` (`learning_rate: 3e-4`; flags given on the
 `peft-agnews train --help` lists the same options in the same sections. Booleans take a value (`--dry_run true`,
 `--frozen_prefix false`); list options take several values or one comma-separated value. The defaults are the
 reference recipe (`recipes/reference.yaml`). The inference commands' options: `peft-agnews <command> --help`.
+
+A YAML value passes exactly the checks its flag does (type, choices, ranges: `classifier_head: pooler` or
+`save_steps: 2.5` is an `error:` naming the file and key); a scalar for a list option is one item
+(`wandb_tags: mytag`), and `null` is accepted only where unset is a value (`max_train_steps: null`). Values that
+would give a wrong result are refused when the options are read: a negative `--max_grad_norm` (gradient ascent),
+`--learning_rate <= 0`, `--lora_alpha <= 0`, a negative `--weight_decay`, NaN or infinity for any number.
+`--output_dir` and `--model_name_or_path` may name environment variables (`outputs/sweep/$WANDB_RUN_ID`,
+`$MINILM_DIR`); an unset one is an error.
+`--dry_run true` builds data and model, prints the trainable parameter count and the plan (steps, effective
+batch, processes, precision, threads), and writes nothing. The messages: [troubleshooting.md](troubleshooting.md).
 """
 
 
