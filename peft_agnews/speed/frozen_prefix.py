@@ -35,7 +35,9 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
         self.cache: PrefixCache | None = None
         self.rows: torch.Tensor | None = None  # the rows of the batch in flight, set by a pre-hook on the model
         self.from_cache = False  # the embeddings' stand-in returned the batch's cached prefix output
-        self.embeddings_dtype = torch.float32  # of the embeddings' output, which a cache read stands in for
+        # The dtype of the embeddings' output, which a cache read stands in for: asked at each read, since the base
+        # may be cast after the prefix is installed (--half_precision_base holds it in bf16).
+        self.embeddings_dtype: Callable[[], torch.dtype] = lambda: torch.float32
 
     def __iter__(self) -> Iterator:
         if not self.depth:
@@ -66,7 +68,7 @@ class FrozenPrefixLayers(torch.nn.ModuleList):
             cached = self.cache.read(self.rows, input_ids.shape[1])
             if cached is not None:
                 self.rows, self.from_cache = None, True
-                return cached.to(device=input_ids.device, dtype=self.embeddings_dtype)
+                return cached.to(device=input_ids.device, dtype=self.embeddings_dtype())
         return embed(*args, **kwargs)
 
 
@@ -111,7 +113,7 @@ def enable_frozen_prefix(model: PeftModel) -> FrozenPrefixLayers | None:
     encoder_model = _encoder_model(model)
     encoder_model.encoder.layer = prefix_layers
     embeddings = encoder_model.embeddings
-    prefix_layers.embeddings_dtype = next(embeddings.parameters()).dtype
+    prefix_layers.embeddings_dtype = lambda: next(embeddings.parameters()).dtype
     embeddings.forward = partial(prefix_layers.embed_or_read_cache, embeddings.forward)
 
     def take_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -54,11 +54,18 @@ def test_frozen_base_is_bf16_and_everything_trained_stays_fp32(bias, head, tiny_
     assert all(trained[n].grad.abs().sum() > 0 for n in biases)  # the fp32 bias reaches the bf16 computation
 
 
+# The cached recipes' speed features (proxy-fast.yaml): 30 steps run past the first epoch, so the later steps read
+# the frozen prefix's output from its cache.
+CACHED_PREFIX = {"lora_layers": "top1", "cache_frozen_prefix": "true", "first_token_last_layer": "true",
+                 "attn_implementation": "eager", "model_dropout": 0.0, "max_train_steps": 30, "eval_steps": 15}
+
+
 @pytest.mark.slow
-def test_half_precision_base_trains_like_autocast_and_saves_an_fp32_adapter(tiny_model_dir, synthetic_train_csv,
-                                                                           tmp_path):
+@pytest.mark.parametrize("options", [{}, CACHED_PREFIX], ids=["plain", "frozen-prefix-cache-first-token"])
+def test_half_precision_base_trains_like_autocast_and_saves_an_fp32_adapter(options, tiny_model_dir,
+                                                                           synthetic_train_csv, tmp_path):
     autocast, half = tmp_path / "autocast", tmp_path / "half"
-    common = {"mixed_precision": "bf16", "logging_steps": 1}
+    common = {"mixed_precision": "bf16", "logging_steps": 1, **options}
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, autocast, **common)) == 0
     assert cli(tiny_train_args(tiny_model_dir, synthetic_train_csv, half, half_precision_base="true", **common)) == 0
 
