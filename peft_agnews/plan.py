@@ -32,6 +32,7 @@ class Plan:
     mixed_precision: str
     num_threads: int = 1
     test_examples: int = 0
+    compiled: bool = False  # --torch_compile: graphs compile during the first steps, timed apart
 
     @classmethod
     def build(
@@ -59,6 +60,7 @@ class Plan:
             mixed_precision=mixed_precision or accelerator.mixed_precision,
             num_threads=torch.get_num_threads(),
             test_examples=test_examples,
+            compiled=cfg.torch_compile,
         )
 
     def describe(self, trainable: int, total_params: int) -> str:
@@ -71,6 +73,8 @@ class Plan:
             f"{self.num_processes} process(es)); "
             f"{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch, {self.num_epochs} epoch(s)), "
             f"{self.warmup_steps} warmup; precision {self.mixed_precision}; {self.num_threads} CPU thread(s) per process"
+            + ("; torch.compile: the first steps compile (compile time reported apart in results.json)"
+               if self.compiled else "")
         )
 
     def shape(self, cfg: TrainConfig) -> dict:

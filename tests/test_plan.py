@@ -26,6 +26,15 @@ def test_plan_counts_optimizer_steps_for_any_process_count():
     assert (single.steps_per_epoch, single.total_steps, single.effective_batch) == (844, 5064, 128)
 
 
+def test_the_plan_line_says_when_compile_time_is_reported_apart():
+    cfg = TrainConfig(per_device_train_batch_size=32)
+    eager = Plan.build(cfg, 1000, 100, Accelerator(cpu=True)).describe(10, 100)
+    compiled = Plan.build(TrainConfig(per_device_train_batch_size=32, torch_compile=True), 1000, 100,
+                          Accelerator(cpu=True)).describe(10, 100)
+    assert "torch.compile" not in eager
+    assert compiled.endswith("; torch.compile: the first steps compile (compile time reported apart in results.json)")
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
 def test_schedules_warm_up_then_decay(tiny_model_dir, schedule):
     from peft_agnews.plan import Plan, make_scheduler
