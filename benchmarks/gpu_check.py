@@ -16,6 +16,8 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from train_throughput import fastest_against_anchor  # this script's folder: the one source of the comparison
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,14 +62,11 @@ def throughput_rows(out: Path) -> list[str]:
     for file in sorted(out.glob("throughput_*.json")):
         record = json.loads(file.read_text())
         batch = record["args"]["batch_size"]
-        by = {row["runner"]: row for row in record["rows"]}
-        for name, row in by.items():
-            rows.append(f"| throughput, batch {batch}, {name} | {row['samples_s']:.1f} samples/s, MFU {row['mfu']:.1%}, "
+        for row in record["rows"]:
+            rows.append(f"| throughput, batch {batch}, {row['runner']} | {row['samples_s']:.1f} samples/s, MFU {row['mfu']:.1%}, "
                         f"peak {row['peak_mem_gib']:.1f} GiB, compile {row.get('compile_s', 0.0):.0f} s |")
-        ours = [r for n, r in by.items() if n.startswith("ours") and n != "ours_typed"]
-        theirs = [r for n, r in by.items() if n in ("trainer", "trainer_compiled")]
-        if ours and theirs:
-            best, anchor = max(ours, key=lambda r: r["samples_s"]), max(theirs, key=lambda r: r["samples_s"])
+        if pair := fastest_against_anchor(record["rows"]):
+            best, anchor = pair
             rows.append(f"| throughput, batch {batch}: our fastest / the Trainer at its best | "
                         f"{best['samples_s'] / anchor['samples_s']:.2f}x ({best['runner']} vs {anchor['runner']}) |")
         for name in record.get("failed", []):

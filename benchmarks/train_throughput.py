@@ -394,10 +394,8 @@ def main(argv=None) -> None:
     if "ours" in by and "trainer" in by:
         print(f"\nours / trainer (train samples/s): {by['ours']['samples_s'] / by['trainer']['samples_s']:.2f}x; "
               f"MFU ours {by['ours']['mfu']:.1%}, trainer {by['trainer']['mfu']:.1%}")
-    ours = [r for r in rows if r["runner"] in OUR_RUNNERS]
-    theirs = [r for r in rows if r["runner"] in ("trainer", "trainer_compiled")]
-    if ours and theirs:
-        best, anchor = max(ours, key=lambda r: r["samples_s"]), max(theirs, key=lambda r: r["samples_s"])
+    if pair := fastest_against_anchor(rows):
+        best, anchor = pair
         print(f"our fastest ({best['runner']}) / the Trainer at its best ({anchor['runner']}) (train samples/s): "
               f"{best['samples_s'] / anchor['samples_s']:.2f}x; MFU {best['mfu']:.1%} vs {anchor['mfu']:.1%}")
     for a, b in (("ours_typed", "trainer"), ("ours_typed", "ours")):
@@ -407,6 +405,16 @@ def main(argv=None) -> None:
         write_json(args, peak, rows, failed)
     if failed:
         sys.exit(f"error: runner(s) {', '.join(failed)} failed (their output is above)")
+
+
+def fastest_against_anchor(rows: list[dict]) -> tuple[dict, dict] | None:
+    """(our fastest in-process runner, the Trainer at its best: the faster of its eager and compiled runs), or None
+    when either side has no row."""
+    ours = [r for r in rows if r["runner"] in OUR_RUNNERS]
+    theirs = [r for r in rows if r["runner"] in ("trainer", "trainer_compiled")]
+    if not ours or not theirs:
+        return None
+    return max(ours, key=lambda r: r["samples_s"]), max(theirs, key=lambda r: r["samples_s"])
 
 
 def summarise(results: dict[str, list[dict]], n_linear: int, peak: float) -> list[dict]:
